@@ -1,0 +1,152 @@
+"""``selective_scan``: mamba_ssm's ``selective_scan_fn`` contract, with a choice of backends."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from starmamba.ops.scan_chunked import scan_chunked
+from starmamba.ops.scan_cuda import mamba_ssm_scan
+from starmamba.ops.scan_reference import scan_reference
+
+Backend = Literal["chunked", "reference", "mamba_ssm"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+BACKEND_ENV = "STARMAMBA_SCAN_BACKEND"
+_CORES = {"chunked": scan_chunked, "reference": scan_reference}
+_warned_devices: set[torch.device] = set()
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Name the backend that runs on ``device``: ``backend``, else $STARMAMBA_SCAN_BACKEND, else auto.
+
+    Auto is mamba_ssm on CUDA when its kernel runs there, and "chunked" everywhere else.
+    """
+    source = "backend="
+    if backend is None and os.environ.get(BACKEND_ENV):
+        backend, source = os.environ[BACKEND_ENV], f"${BACKEND_ENV}="
+    name = backend or "auto"
+    if name not in (*BACKENDS, "auto"):
+        raise ValueError(
+            f"unknown selective-scan backend {source}{name!r}; choose one of {', '.join(BACKENDS)} or auto"
+        )
+    if name in ("auto", "mamba_ssm"):
+        fn, why = (
+            mamba_ssm_scan(device.index or 0) if device.type == "cuda" else (None, f"tensors are on {device}")
+        )
+        if fn is not None:
+            return "mamba_ssm"
+        if name == "mamba_ssm":
+            raise RuntimeError(f"the mamba_ssm scan backend cannot run: {why}")
+        if device.type == "cuda" and device not in _warned_devices:
+            _warned_devices.add(device)
+            warnings.warn(
+                f"falling back to the chunked PyTorch selective scan on {device}: {why}", stacklevel=3
+            )
+        return "chunked"
+    return name
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The selective scan of Mamba, with the semantics and argument order of mamba_ssm.
+
+    For batch b, channel d, state n and step t::
+
+        dt = softplus(delta + delta_bias)            (softplus only if delta_softplus)
+        h_t = exp(dt_t A[d, n]) h_{t-1} + dt_t B[n, t] u_t
+        y_t = sum_n C[n, t] h_t[n] + D[d] u_t,  then y * silu(z) if z is given
+
+    Shapes: u, delta, z (b, d, l); A (d, n), real; B, C (b, n, l), or (b, g, n, l) with g groups
+    of channels, or (d, n) for a time-invariant B or C; D, delta_bias (d,).
+    Returns y (b, d, l) in u's dtype, and with ``return_last_state`` also h_{l-1} (b, d, n).
+    Computes in float32 (float64 for float64 inputs) and is differentiable in every tensor.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    name = resolve_backend(backend, u.device)
+    if name == "mamba_ssm":
+        fn, _ = mamba_ssm_scan(u.device.index or 0)
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    u_c, dt = u.to(dtype), delta.to(dtype)
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    B, C = _grouped(B, C, u)
+    y, last_state = _CORES[name](u_c, dt, A.to(dtype), B.to(dtype), C.to(dtype))
+    if D is not None:
+        y = y + u_c * D.to(dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    y = y.to(u.dtype)
+    return (y, last_state) if return_last_state else y
+
+
+def _grouped(B: Tensor, C: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Bring B and C to (b, g, n, l) with one g for both (one group per channel where they differ)."""
+    batch, dim, length = u.shape
+
+    def four_dims(M: Tensor) -> Tensor:
+        if M.dim() == 3:
+            return M.unsqueeze(1)
+        if M.dim() == 2:
+            return M.view(1, dim, -1, 1).expand(batch, dim, M.shape[1], length)
+        return M
+
+    B, C = four_dims(B), four_dims(C)
+    if B.shape[1] != C.shape[1]:
+        B, C = (M.repeat_interleave(dim // M.shape[1], dim=1) for M in (B, C))
+    return B, C
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, dim, length), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if length < 1:
+        raise ValueError("u has an empty sequence (length 0)")
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported; Mamba-1 vision models use a real A")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (dim={dim}, d_state), got shape {tuple(A.shape)}")
+    d_state = A.shape[1]
+    for name, t in (("delta", delta), ("z", z)):
+        if t is not None and t.shape != u.shape:
+            raise ValueError(f"{name} must have u's shape {tuple(u.shape)}, got {tuple(t.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (dim,):
+            raise ValueError(f"{name} must be (dim={dim},), got shape {tuple(t.shape)}")
+    for name, M in (("B", B), ("C", C)):
+        ok = (
+            (M.dim() == 3 and M.shape == (batch, d_state, length))
+            or (
+                M.dim() == 4
+                and M.shape[0] == batch
+                and M.shape[2:] == (d_state, length)
+                and M.shape[1] > 0
+                and dim % M.shape[1] == 0
+            )
+            or (M.dim() == 2 and M.shape == (dim, d_state))
+        )
+        if not ok:
+            raise ValueError(
+                f"{name} must be (batch, d_state, length), (batch, groups, d_state, length) with groups "
+                f"dividing dim, or (dim, d_state); got {tuple(M.shape)} "
+                f"for u {tuple(u.shape)} and A {tuple(A.shape)}"
+            )

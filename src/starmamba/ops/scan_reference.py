@@ -1,0 +1,26 @@
+"""The plain sequential selective-scan recurrence, for checking the fast backends."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def scan_reference(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """Run ``h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t``, ``y_t = C_t . h_t`` one step at a time.
+
+    Shapes: u, dt (b, d, l); A (d, n); B, C (b, g, n, l) with g dividing d.
+    Returns y (b, d, l) and the last state h_{l-1} (b, d, n). Autograd differentiates it as written.
+    """
+    batch, dim, _ = u.shape
+    groups = B.shape[1]
+    A_g = A.view(groups, dim // groups, -1)
+    h = u.new_zeros(batch, groups, dim // groups, A.shape[1])
+    ys = []
+    steps = zip(u.unbind(-1), dt.unbind(-1), B.unbind(-1), C.unbind(-1), strict=True)
+    for u_t, dt_t, B_t, C_t in steps:
+        dt_t = dt_t.view(batch, groups, -1, 1)
+        u_t = u_t.view(batch, groups, -1, 1)
+        h = torch.exp(dt_t * A_g) * h + (dt_t * u_t) * B_t.unsqueeze(2)
+        ys.append((h * C_t.unsqueeze(2)).sum(-1).reshape(batch, dim))
+    return torch.stack(ys, dim=-1), h.reshape(batch, dim, -1)
