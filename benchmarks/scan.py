@@ -55,10 +55,7 @@ def mambapy_scan(u, delta, A, B, C, D, z, delta_bias):
 
 def to_mambapy_layout(t: dict) -> dict:
     """Sequence-major copies, so that mambapy is timed in the layout it is written for."""
-    return {
-        k: v.detach().transpose(1, 2).contiguous().requires_grad_() if v.dim() == 3 else v
-        for k, v in t.items()
-    }
+    return {k: v.detach().transpose(1, 2).contiguous().requires_grad_() if v.dim() == 3 else v for k, v in t.items()}
 
 
 def run_backend(name: str, t: dict):
@@ -109,9 +106,7 @@ def worker(name: str, length: int, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--d_state", type=int, default=16)

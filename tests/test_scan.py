@@ -55,9 +55,9 @@ def make_inputs(batch, dim, d_state, length, *, b_form="shared", delta_scale=1.0
         # positive, so that the step stays positive when softplus is off as well
         "delta": rand(batch, dim, length, scale=delta_scale).abs() * 0.3,
         # S4D-real magnitudes 1..d_state, as Mamba initialises them
-        "A": -(
-            torch.arange(1, d_state + 1.0).repeat(dim, 1) * (0.5 + torch.rand(dim, d_state, generator=g))
-        ).to(DEVICE),
+        "A": -(torch.arange(1, d_state + 1.0).repeat(dim, 1) * (0.5 + torch.rand(dim, d_state, generator=g))).to(
+            DEVICE
+        ),
         "D": rand(dim),
         "z": rand(batch, dim, length),
         "delta_bias": rand(dim, scale=0.5).abs(),
@@ -78,11 +78,7 @@ def rel_err(a, b):
 
 
 def check_against_float64(backend, inputs, use, softplus, tol=1e-4):
-    tensors = {
-        k: v.clone().requires_grad_()
-        for k, v in inputs.items()
-        if k in ("u", "delta", "A", "B", "C") or use[k]
-    }
+    tensors = {k: v.clone().requires_grad_() for k, v in inputs.items() if k in ("u", "delta", "A", "B", "C") or use[k]}
     optional = {k: tensors.get(k) for k in ("D", "z", "delta_bias")}
     y, last = selective_scan(
         tensors["u"],

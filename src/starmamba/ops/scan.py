@@ -35,18 +35,14 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             f"unknown selective-scan backend {source}{name!r}; choose one of {', '.join(BACKENDS)} or auto"
         )
     if name in ("auto", "mamba_ssm"):
-        fn, why = (
-            mamba_ssm_scan(device.index or 0) if device.type == "cuda" else (None, f"tensors are on {device}")
-        )
+        fn, why = mamba_ssm_scan(device.index or 0) if device.type == "cuda" else (None, f"tensors are on {device}")
         if fn is not None:
             return "mamba_ssm"
         if name == "mamba_ssm":
             raise RuntimeError(f"the mamba_ssm scan backend cannot run: {why}")
         if device.type == "cuda" and device not in _warned_devices:
             _warned_devices.add(device)
-            warnings.warn(
-                f"falling back to the chunked PyTorch selective scan on {device}: {why}", stacklevel=3
-            )
+            warnings.warn(f"falling back to the chunked PyTorch selective scan on {device}: {why}", stacklevel=3)
         return "chunked"
     return name
 

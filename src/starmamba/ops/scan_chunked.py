@@ -137,8 +137,6 @@ class _ChunkedScan(torch.autograd.Function):
             _from_time_major(lam_B * dt_t, grad_u, t0, t1)
             _from_time_major((m * A_g).sum(-1, keepdim=True) + lam_B * u_t, grad_dt, t0, t1)
             grad_A += (m * dt_t).sum(dim=(0, 1))
-            grad_B[..., t0:t1] = (
-                torch.matmul((dt_t * u_t).transpose(-1, -2), lam).squeeze(3).permute(1, 2, 3, 0)
-            )
+            grad_B[..., t0:t1] = torch.matmul((dt_t * u_t).transpose(-1, -2), lam).squeeze(3).permute(1, 2, 3, 0)
             grad_C[..., t0:t1] = torch.matmul(gy_t.transpose(-1, -2), hs).squeeze(3).permute(1, 2, 3, 0)
         return grad_u, grad_dt, grad_A.reshape(dim, d_state), grad_B, grad_C, None

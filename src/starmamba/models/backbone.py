@@ -1,0 +1,242 @@
+"""MambaMLP: patch embedding, sin-cos positions and blocks of (LN -> Mamba, LN -> SwiGLU); the classifier."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from starmamba.config import check_choice, check_fraction, check_positive
+from starmamba.models.mixer import MambaMixer, scan_orders
+from starmamba.models.pos_embed import sincos_2d
+
+ClassToken = Literal["tail", "middle", "none"]
+
+
+@dataclass
+class BackboneConfig:
+    """The MambaMLP trunk. Defaults are MambaMLP-Base at 224 px with four scans."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    dim: int = 768
+    depth: int = 12
+    scans: Literal[1, 4] = 4
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 1
+    drop_path: float = 0.0
+    learnable_pos_embed: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "in_chans", "dim", "depth", "d_state", "d_conv", "expand"):
+            check_positive(name, getattr(self, name))
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+        if self.dim % 4:
+            raise ValueError(f"dim={self.dim} must be divisible by 4 (2D sin-cos position embedding)")
+        check_choice("scans", self.scans, Literal[1, 4])
+        check_fraction("drop_path", self.drop_path)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.img_size // self.patch_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ClassifierConfig(BackboneConfig):
+    """A MambaMLP image classifier: trunk, final LayerNorm and a linear head."""
+
+    num_classes: int = 1000
+    cls_token: ClassToken = "tail"
+    global_pool: bool = False
+    head_init_std: float = 2e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("cls_token", self.cls_token, ClassToken)
+        check_positive("num_classes", self.num_classes, allow_zero=True)
+        if self.cls_token == "none" and not self.global_pool:
+            raise ValueError("cls_token='none' needs global_pool=True: without a class token, pool the patches")
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(kernel = stride = patch): (B, C, H, W) -> (B, grid*grid, dim)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        fan_in = in_chans * patch_size * patch_size
+        nn.init.trunc_normal_(self.proj.weight, std=math.sqrt(1.0 / fan_in))  # LeCun normal
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dim() != 4 or images.shape[1:] != (self.proj.in_channels, self.img_size, self.img_size):
+            raise ValueError(
+                f"expected images of shape (batch, {self.proj.in_channels}, {self.img_size}, {self.img_size}), "
+                f"got {tuple(images.shape)}"
+            )
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class SwiGLU(nn.Module):
+    """w3(silu(w1 x) * w2 x), hidden width dim * 4 * 2 // 3."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        hidden = dim * 4 * 2 // 3
+        self.w1, self.w2, self.w3 = nn.Linear(dim, hidden), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        for linear in (self.w1, self.w2, self.w3):
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the residual branch per sample with probability ``p`` in training."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.dim() - 1))).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+
+class Block(nn.Module):
+    """x + drop_path(mixer(LN(x))), then x + drop_path(SwiGLU(LN(x))); (B, L, dim) -> (B, L, dim)."""
+
+    def __init__(self, cfg: BackboneConfig, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.mixer = MambaMixer(cfg.dim, cfg.scans, cfg.expand, cfg.d_state, cfg.d_conv)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.mlp = SwiGLU(cfg.dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, orders: Tensor | None) -> Tensor:
+        x = x + self.drop_path(self.mixer(self.norm1(x), orders))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class MambaMLP(nn.Module):
+    """The trunk shared by STAR and the classifier: embed patches, run the blocks.
+
+    Weights follow ARM: LeCun-normal patch embedding, zero biases, PyTorch's default elsewhere,
+    and every mixer's out_proj scaled by 1/sqrt(depth) (GPT-2's residual rescaling).
+    """
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim)
+        pos = sincos_2d(cfg.dim, cfg.grid, cfg.grid)[None]
+        if cfg.learnable_pos_embed:
+            self.pos_embed = nn.Parameter(pos)
+        else:
+            self.register_buffer("pos_embed", pos)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        with torch.no_grad():
+            for block in self.blocks:
+                block.mixer.out_proj.weight.div_(math.sqrt(cfg.depth))
+
+    def embed(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, grid*grid, dim) patch tokens with their position embedding."""
+        return self.patch_embed(images) + self.pos_embed
+
+    def forward(self, x: Tensor, orders: Tensor | None, keep: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+        """Run the blocks over tokens (B, L, dim); also return the outputs of blocks ``keep`` (1-based).
+
+        ``orders`` are the scan orders of multi-scan mixers (see ``scan_orders``), None for one scan.
+        """
+        kept = []
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x, orders)
+            kept += [x] * keep.count(i)
+        return x, kept
+
+    def layer_id(self, name: str) -> int:
+        """0 for the embeddings, i + 1 for block i (names relative to this module)."""
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return 0
+
+
+def skips_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Norms, biases, position/class/learned tokens, A_log and D are not decayed."""
+    leaf = name.rsplit(".", 1)[-1]
+    return param.ndim <= 1 or leaf in ("A_log", "D") or leaf.endswith(("_token", "_embed"))
+
+
+class MambaMLPClassifier(nn.Module):
+    """MambaMLP image classifier: (B, C, H, W) -> logits (B, num_classes).
+
+    The class token goes after the last patch ("tail", STAR's choice), in the middle ("middle",
+    Vim/ARM), or nowhere ("none"); the readout is that token, or with ``global_pool`` the mean of
+    the patch tokens.
+    """
+
+    def __init__(self, cfg: ClassifierConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = MambaMLP(cfg)
+        patches = cfg.grid * cfg.grid
+        self.cls_index = {"tail": patches, "middle": patches // 2, "none": None}[cfg.cls_token]
+        if self.cls_index is not None:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        if cfg.num_classes:
+            nn.init.trunc_normal_(self.head.weight, std=cfg.head_init_std)
+            nn.init.zeros_(self.head.bias)
+        orders = scan_orders(cfg.grid, cfg.grid, self.cls_index) if cfg.scans == 4 else None
+        self.register_buffer("scan_orders", orders, persistent=False)
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> pooled features (B, dim)."""
+        x = self.encoder.embed(images)
+        if self.cls_index is not None:
+            cls = self.cls_token.expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, : self.cls_index], cls, x[:, self.cls_index :]], dim=1)
+        x, _ = self.encoder(x, self.scan_orders)
+        x = self.norm(x)
+        if self.cfg.global_pool:
+            if self.cls_index is None:
+                return x.mean(dim=1)
+            return torch.cat([x[:, : self.cls_index], x[:, self.cls_index + 1 :]], dim=1).mean(dim=1)
+        return x[:, self.cls_index]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.forward_features(images))
+
+    @property
+    def num_layers(self) -> int:
+        """Layer ids for layer-wise lr decay: embeddings, each block, then norm and head."""
+        return self.cfg.depth + 2
+
+    def layer_id(self, name: str) -> int:
+        if name.startswith("encoder."):
+            return self.encoder.layer_id(name.removeprefix("encoder."))
+        if name == "cls_token":
+            return 0
+        return self.cfg.depth + 1
+
+    def skips_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        return skips_weight_decay(name, param)

@@ -1,0 +1,110 @@
+"""The Mamba (v1) token mixer of MambaMLP, with one causal scan or four scan directions."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from starmamba.ops import selective_scan
+
+
+class ScanDirection(nn.Module):
+    """What one scan direction owns: causal depthwise conv, x/dt projections, A and D.
+
+    Maps the inner activations (b, d_inner, l), already in this direction's order, to the
+    ungated scan output (b, d_inner, l).
+    """
+
+    def __init__(
+        self,
+        d_inner: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        dt_rank: int | None = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_floor: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.dt_rank = dt_rank or math.ceil(d_inner / 16)
+        self.d_state = d_state
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner)
+        # S4D-real: A = -(1..d_state) for every channel, kept as a log in fp32.
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1.0)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        with torch.no_grad():
+            std = self.dt_rank**-0.5
+            self.dt_proj.weight.uniform_(-std, std)
+            # Steps log-uniform in [dt_min, dt_max], stored through the inverse of softplus.
+            dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+            dt = dt.clamp(min=dt_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        length = x.shape[-1]
+        x = F.silu(self.conv1d(x)[..., :length])
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)
+        return selective_scan(
+            x,
+            delta,
+            -torch.exp(self.A_log.float()),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=self.D.float(),
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+        )
+
+
+class MambaMixer(nn.Module):
+    """Mamba mixer: shared in/out projections around ``scans`` directions, gated by silu(z).
+
+    ``forward`` takes (b, l, dim) and, with more than one scan, ``orders`` (scans - 1, 2, l): the
+    order and inverse order of every direction after the first, which runs in sequence order. The
+    directions' outputs are put back in sequence order, averaged, gated and projected: ARM's "v3"
+    mixer when there are four.
+    """
+
+    def __init__(self, dim: int, scans: int = 1, expand: int = 1, d_state: int = 16, d_conv: int = 4) -> None:
+        super().__init__()
+        d_inner = expand * dim
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.directions = nn.ModuleList(ScanDirection(d_inner, d_state, d_conv) for _ in range(scans))
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def forward(self, x: Tensor, orders: Tensor | None = None) -> Tensor:
+        extra = len(self.directions) - 1
+        if extra and (orders is None or orders.shape != (extra, 2, x.shape[1])):
+            raise ValueError(f"a {extra + 1}-scan mixer needs orders of shape ({extra}, 2, {x.shape[1]})")
+        x, z = self.in_proj(x).chunk(2, dim=-1)
+        x = x.transpose(1, 2)
+        y = self.directions[0](x)
+        for direction, (order, inverse) in zip(self.directions[1:], orders if extra else (), strict=True):
+            y = y + direction(x.index_select(2, order)).index_select(2, inverse)
+        y = y.transpose(1, 2) / len(self.directions)
+        return self.out_proj(y * F.silu(z))
+
+
+def scan_orders(rows: int, cols: int, cls_index: int | None) -> Tensor:
+    """(3, 2, l) orders and inverses of the scans after row-major forward, over a row-major grid.
+
+    They are row-major backward, column-major forward and column-major backward. The column scans
+    transpose only the patch grid: a class token at ``cls_index`` keeps its place in the sequence.
+    """
+    patches = rows * cols
+    length = patches + (cls_index is not None)
+    # Sequence position of every patch, when the class token sits at cls_index.
+    seq_pos = torch.arange(patches)
+    if cls_index is not None:
+        seq_pos = seq_pos + (seq_pos >= cls_index).long()
+    column_major = seq_pos.view(rows, cols).t().flatten()
+    if cls_index is not None:
+        column_major = torch.cat([column_major[:cls_index], torch.tensor([cls_index]), column_major[cls_index:]])
+    orders = [torch.arange(length).flip(0), column_major, column_major.flip(0)]
+    return torch.stack([torch.stack([order, torch.argsort(order)]) for order in orders])

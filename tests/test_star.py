@@ -1,0 +1,218 @@
+"""The STAR pretraining model: its loss, no information leak, learning, and every ablation option."""
+
+import pytest
+import torch
+
+from starmamba.models import create_model
+from starmamba.models.star import normalize_patches, patchify, unpatchify
+
+
+def tiny_star(**overrides):
+    options = dict(img_size=16, patch_size=4, cluster_size=2, dim=32, depth=2, decoder_dim=32,
+                   decoder_head_dim=16, images_per_sequence=2) | overrides  # fmt: skip
+    return create_model("star_tiny", **options)
+
+
+def test_patchify_round_trip_and_order():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float).view(2, 3, 8, 8)
+    patches = patchify(images, 4)
+    assert patches.shape == (2, 4, 48)
+    # Patch 1 is the top-right 4x4 block; its first pixel is (row 0, col 4), channels last.
+    assert patches[0, 1, :3].tolist() == [images[0, c, 0, 4].item() for c in range(3)]
+    assert torch.equal(unpatchify(patches, 4, 3), images)
+
+
+def test_perfect_prediction_has_zero_loss():
+    torch.manual_seed(0)
+    model = tiny_star()
+    images = torch.randn(4, 3, 16, 16)
+    model.decode = lambda memories: model.targets(model._sequences(images))
+    assert model(images).loss.item() == 0.0
+
+
+def test_known_loss_when_the_head_predicts_zeros():
+    torch.manual_seed(0)
+    model = tiny_star(separator_position="SC")
+    with torch.no_grad():
+        model.pixel_head.weight.zero_()
+        model.pixel_head.bias.zero_()
+    images = torch.randn(4, 3, 16, 16)
+    out = model(images)
+    # A normalised patch of n = 48 values has sum of squares (n-1) var / (var + eps) ~ n - 1.
+    # Per sequence: 2 images x (4 clusters + a separator of 4 tokens) = 40 queries; the 8
+    # separator-token targets are constant patches, which normalise to exactly zero.
+    assert out.pred.shape == out.target.shape == (2, 40, 48)
+    expected = (32 / 40) * (47 / 48)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-4)
+    assert torch.equal(out.target[:, 16:20], torch.zeros(2, 4, 48))  # image 1's separator
+
+
+def unit_of_queries(layout):
+    """Stream index of the unit every query predicts."""
+    return torch.tensor([p.target for p in layout.predictions for _ in range(layout.target_unit(p).num_tokens)])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"separator": "cluster", "separator_position": "SC"},
+        {"separator": "cluster", "separator_position": "CS"},
+        {"separator": "cluster", "separator_position": "SCS"},
+        {"separator": "cluster", "separator_position": "CSC"},
+        {"separator": "token"},
+        {"separator": "none"},
+    ],
+    ids=lambda o: "-".join(o.values()),
+)
+def test_no_information_leaks_from_a_cluster_to_earlier_targets(overrides):
+    torch.manual_seed(0)
+    model = tiny_star(images_per_sequence=3, **overrides).eval()
+    layout = model.layout
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        base = model(images).pred
+    query_unit = unit_of_queries(layout)
+    for unit_index, unit in enumerate(layout.units):
+        if unit.kind != "cluster" or unit.cluster not in (0, 3):
+            continue
+        patch = layout.cluster_patches(unit.cluster)[-1]
+        row, col = divmod(patch, layout.grid[1])
+        changed = images.clone()
+        changed[unit.image, :, row * 4 + 1, col * 4 + 2] += 5.0  # one pixel of that cluster
+        with torch.no_grad():
+            pred = model(changed).pred
+        differs = (pred - base).abs().amax(dim=(0, 2)) > 1e-6
+        assert not differs[query_unit <= unit_index].any(), f"target <= unit {unit_index} saw its pixels"
+        later = query_unit > unit_index
+        if later.any():
+            assert differs[later].any(), f"no target after unit {unit_index} reacts"
+
+
+def test_a_gradient_step_lowers_the_loss():
+    torch.manual_seed(0)
+    model = tiny_star()
+    images = torch.randn(4, 3, 16, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(images).loss
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = model(images).loss
+        loss.backward()
+        optimizer.step()
+    assert model(images).loss.item() < 0.9 * first.item()
+
+
+ABLATIONS = (
+    [{"separator": s} for s in ("none", "token", "cluster")]
+    + [{"separator_value": v} for v in ("zeros", "ones", "embedding", "identity")]
+    + [{"separator_position": p} for p in ("SC", "CS", "SCS", "CSC")]
+    + [{"images_per_sequence": n} for n in (1, 2, 4)]
+    + [{"images_per_sequence": 1, "separator": "none"}]  # ARM
+    + [{"separator": "token", "separator_value": v} for v in ("ones", "embedding")]
+    + [{"norm_pix_loss": False}]
+)
+
+
+@pytest.mark.parametrize("overrides", ABLATIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_every_ablation_builds_and_trains(overrides):
+    torch.manual_seed(0)
+    model = tiny_star(**overrides)
+    n = model.cfg.images_per_sequence
+    images = torch.randn(2 * n, 3, 16, 16)
+    out = model(images)
+    layout = model.layout
+    assert out.pred.shape == (2, layout.num_queries, 48)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    recon = model.reconstruct(images, out)
+    assert recon.shape == images.shape
+
+
+def test_separator_tokens_follow_the_value():
+    model = tiny_star(separator_value="identity")
+    tokens = model.separator_tokens() - model.separator_pos_embed
+    torch.testing.assert_close(tokens[:, 0], torch.eye(2).flatten())
+    ones = tiny_star(separator_value="ones")
+    torch.testing.assert_close(ones.separator_tokens() - ones.separator_pos_embed, torch.ones(4, 32))
+
+
+def test_five_dimensional_input_equals_flat_input():
+    torch.manual_seed(0)
+    model = tiny_star().eval()
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        flat = model(images).loss
+        grouped = model(images.view(2, 2, 3, 16, 16)).loss
+    assert flat.item() == grouped.item()
+
+
+def test_batch_that_does_not_form_sequences_is_a_clear_error():
+    model = tiny_star(images_per_sequence=2)
+    with pytest.raises(ValueError, match="do not form sequences of images_per_sequence=2"):
+        model(torch.randn(3, 3, 16, 16))
+    with pytest.raises(ValueError, match="got 3 images per sequence"):
+        model(torch.randn(1, 3, 3, 16, 16))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"scans": 4}, "one scan"),
+        ({"cluster_size": 3}, "does not divide the grid"),
+        ({"images_per_sequence": 0}, "images_per_sequence=0"),
+        ({"feature_layers": (1, 2)}, "feature_layers"),
+        ({"decoder_dim": 40}, "decoder_dim=40"),
+    ],
+)
+def test_invalid_star_options(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_star(**overrides)
+
+
+def test_default_feature_levels_follow_arm():
+    from starmamba.models import model_config
+
+    assert model_config("star_base").levels == (6, 8, 10, 12)
+    assert model_config("star_large").levels == (12, 16, 20, 24)
+
+
+def test_norm_pix_matches_mae():
+    x = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    expected = (x - 3.0) / (torch.tensor(14.0 / 3) + 1e-6).sqrt()
+    torch.testing.assert_close(normalize_patches(x), expected)
+
+
+def test_no_decay_and_layer_ids():
+    model = tiny_star(separator_value="embedding")
+    assert "encoder.pos_embed" in dict(model.named_buffers())  # fixed sin-cos while pretraining
+    skipped = {n for n, p in model.named_parameters() if model.skips_weight_decay(n, p)}
+    for name in ("separator_pos_embed", "separator_value_token", "ar_token", "decoder_separator_pos_embed",
+                 "encoder.blocks.0.mixer.directions.0.A_log", "encoder.blocks.0.mixer.directions.0.D",
+                 "encoder.blocks.0.norm1.weight", "decoder.blocks.0.q.bias"):  # fmt: skip
+        assert name in skipped, name
+    assert "encoder.blocks.0.mixer.in_proj.weight" not in skipped
+    assert "decoder.blocks.0.q.weight" not in skipped
+    assert model.layer_id("encoder.blocks.1.mlp.w1.weight") == 2
+    assert model.layer_id("encoder.patch_embed.proj.weight") == 0
+    assert model.layer_id("decoder.blocks.0.q.weight") == model.num_layers - 1
+
+
+@pytest.mark.slow
+def test_star_base_forward_and_backward_on_cpu():
+    torch.manual_seed(0)
+    model = create_model("star_base")
+    assert model.layout.num_tokens == 1280
+    out = model(torch.randn(8, 3, 192, 192))
+    assert out.pred.shape == (1, 1280, 768)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_ablations_cover_every_paper_option():
+    seen = {(k, v) for o in ABLATIONS for k, v in o.items()}
+    for option, values in [("separator", ("none", "token", "cluster")),
+                           ("separator_value", ("zeros", "ones", "embedding", "identity")),
+                           ("separator_position", ("SC", "CS", "SCS", "CSC"))]:  # fmt: skip
+        assert all((option, v) in seen for v in values)
