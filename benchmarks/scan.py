@@ -117,8 +117,8 @@ def main() -> None:
         default=None,
         help="default: chunked, reference, mamba_ssm on CUDA, and mambapy if installed",
     )
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scan.json")
     parser.add_argument("--worker", nargs=2, metavar=("BACKEND", "LENGTH"), help=argparse.SUPPRESS)

@@ -12,6 +12,7 @@ from starmamba.models.backbone import MambaMLP
 from starmamba.models.convert import classifier_state_from_pretrained
 from starmamba.models.mixer import MambaMixer, scan_orders
 from starmamba.models.pos_embed import resize_pos_embed, sincos_2d
+from starmamba.ops import selective_scan
 
 # Pinned parameter counts. Base is paper Table 7's 85M (ARM: 85.0M), Large 297M, Huge 663M.
 PARAMS = {
@@ -54,6 +55,16 @@ def test_scan_orders_by_hand():
         assert torch.equal(order[inverse], torch.arange(5))
 
 
+def plain_direction(direction, x):
+    """One scan direction written out plainly: causal conv, SiLU, projections, sequential scan."""
+    length = x.shape[-1]
+    u = F.silu(direction.conv1d(x)[..., :length])
+    dt, B, C = direction.x_proj(u.transpose(1, 2)).split([direction.dt_rank, 16, 16], dim=-1)
+    delta = direction.dt_proj(dt).transpose(1, 2)  # with its bias, instead of delta_bias
+    return selective_scan(u, delta, -torch.exp(direction.A_log), B.transpose(1, 2), C.transpose(1, 2),
+                          D=direction.D, delta_softplus=True, backend="reference")  # fmt: skip
+
+
 def test_four_scan_mixer_is_the_average_of_four_directional_passes():
     """The definition, written out with flips and transposes the way ARM's v3 mixer does it."""
     torch.manual_seed(0)
@@ -63,8 +74,7 @@ def test_four_scan_mixer_is_the_average_of_four_directional_passes():
     x = torch.randn(2, rows * cols + 1, dim)
     out = mixer(x, scan_orders(rows, cols, cls))
 
-    xz = mixer.in_proj(x)
-    inner, z = xz.chunk(2, dim=-1)
+    inner, z = mixer.in_proj(x).chunk(2, dim=-1)
     inner = inner.transpose(1, 2)  # (b, d, l)
 
     def transpose_grid(t):
@@ -73,12 +83,21 @@ def test_four_scan_mixer_is_the_average_of_four_directional_passes():
         return torch.cat([patches[..., :cls], t[..., cls : cls + 1], patches[..., cls:]], dim=-1)
 
     d = mixer.directions
-    y = d[0](inner) + d[1](inner.flip(-1)).flip(-1)
+    y = plain_direction(d[0], inner) + plain_direction(d[1], inner.flip(-1)).flip(-1)
     col = transpose_grid(inner)
-    y_col = d[2](col) + d[3](col.flip(-1)).flip(-1)
+    y_col = plain_direction(d[2], col) + plain_direction(d[3], col.flip(-1)).flip(-1)
     y = y + transpose_grid(y_col)  # the grid transpose is its own inverse
     expected = mixer.out_proj((y.transpose(1, 2) / 4) * F.silu(z))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_one_scan_mixer_matches_the_plain_direction():
+    torch.manual_seed(0)
+    mixer = MambaMixer(8, scans=1)
+    x = torch.randn(2, 11, 8)
+    inner, z = mixer.in_proj(x).chunk(2, dim=-1)
+    expected = mixer.out_proj(plain_direction(mixer.directions[0], inner.transpose(1, 2)).transpose(1, 2) * F.silu(z))
+    torch.testing.assert_close(mixer(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_one_scan_trunk_is_causal():
