@@ -1,0 +1,39 @@
+"""Data: Fashion-MNIST / ImageNet-style / synthetic data sets, per-sample transforms, Mixup/CutMix."""
+
+from starmamba.data.datasets import (
+    FASHION_MNIST_DIR_ENV,
+    DatasetInfo,
+    FashionMNIST,
+    ImageFolder,
+    SyntheticImages,
+    build_dataset,
+)
+from starmamba.data.mixup import MixupCutmix, soft_target_cross_entropy
+from starmamba.data.randaugment import RandAugment, parse_rand_augment
+from starmamba.data.transforms import (
+    Augmented,
+    EvalTransform,
+    FinetuneTransform,
+    PretrainTransform,
+    RandomErasing,
+    sample_rng,
+)
+
+__all__ = [
+    "FASHION_MNIST_DIR_ENV",
+    "Augmented",
+    "DatasetInfo",
+    "EvalTransform",
+    "FashionMNIST",
+    "FinetuneTransform",
+    "ImageFolder",
+    "MixupCutmix",
+    "PretrainTransform",
+    "RandAugment",
+    "RandomErasing",
+    "SyntheticImages",
+    "build_dataset",
+    "parse_rand_augment",
+    "sample_rng",
+    "soft_target_cross_entropy",
+]

@@ -1,0 +1,276 @@
+"""Image classification data sets: Fashion-MNIST (IDX files), ImageNet-style folders, synthetic images."""
+
+from __future__ import annotations
+
+import colorsys
+import gzip
+import multiprocessing
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+Split = Literal["train", "val"]
+
+FASHION_MNIST_DIR_ENV = "STARMAMBA_FASHION_MNIST"
+FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions
+IDX_LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"})
+# What PIL raises for a corrupt, truncated or absurdly large file.
+_UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+SYNTHETIC_SIZES = {"train": 512, "val": 128}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a data set: its classes and normalisation statistics."""
+
+    name: str
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    classes: tuple[str, ...]
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be a positive number of samples or None, got {limit}")
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """The uint8 array of an IDX file (gzip or raw): (N, rows, cols) for images, (N,) for labels."""
+    raw = Path(path).read_bytes()
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"{path}: corrupt or truncated gzip data ({err})") from err
+    if len(raw) < 4:
+        raise ValueError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise ValueError(f"{path}: IDX magic number {found}, expected {magic}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected or 0 in dims:
+        raise ValueError(
+            f"{path}: dimensions {dims} need {expected} bytes of data, the file holds {len(raw) - header} "
+            "(truncated or corrupt)"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx_file(root: Path, base: str) -> Path:
+    for name in (f"{base}.gz", base):
+        if (root / name).is_file():
+            return root / name
+    raise FileNotFoundError(
+        f"Fashion-MNIST file {base}[.gz] not found in {root}. Install the Debian package "
+        f"{FASHION_MNIST_PACKAGE} (files in {FASHION_MNIST_DEFAULT_DIR}) or set {FASHION_MNIST_DIR_ENV} to a "
+        "directory holding the four IDX files."
+    )
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST from its IDX files; items are (28x28 RGB PIL image, label). 'val' is the t10k set."""
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        split: Split = "train",
+        limit: int | None = None,
+    ) -> None:
+        _check_split(split)
+        _check_limit(limit)
+        if root is None:
+            root = os.environ.get(FASHION_MNIST_DIR_ENV, FASHION_MNIST_DEFAULT_DIR)
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"Fashion-MNIST directory {root} does not exist. Install the Debian package "
+                f"{FASHION_MNIST_PACKAGE} or set {FASHION_MNIST_DIR_ENV} to a directory holding the IDX "
+                "files."
+            )
+        image_file, label_file = (_find_idx_file(root, base) for base in _FASHION_MNIST_FILES[split])
+        images = read_idx(image_file, IDX_IMAGES_MAGIC)
+        labels = read_idx(label_file, IDX_LABELS_MAGIC)
+        if len(images) != len(labels):
+            raise ValueError(f"{image_file} holds {len(images)} images but {label_file} {len(labels)} labels")
+        if labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise ValueError(f"{label_file}: label {labels.max()} is not one of the 10 Fashion-MNIST classes")
+        self.root = root
+        self.images = images[:limit]
+        self.labels = labels[:limit]
+        self.info = DatasetInfo("fashion_mnist", 10, (0.2860,) * 3, (0.3530,) * 3, FASHION_MNIST_CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]).convert("RGB"), int(self.labels[index])
+
+
+def _class_names(split_dir: Path) -> list[str]:
+    if not split_dir.is_dir():
+        raise FileNotFoundError(
+            f"{split_dir} is not a directory; expected the layout root/{{train,val}}/<class>/<image>"
+        )
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(class_dir: Path) -> list[str]:
+    return sorted(
+        str(p)
+        for p in class_dir.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+
+
+class ImageFolder(Dataset):
+    """ImageNet layout ``root/{train,val}/<class>/<image>``; items are (RGB PIL image, class index).
+
+    Classes are the sorted subdirectories of ``root/train`` for both splits. An unreadable image is
+    skipped with a warning for the next readable one, and counted in ``num_skipped`` across workers.
+    ``limit`` keeps that many images evenly spaced over the sorted list, so every class stays represented.
+    """
+
+    def __init__(self, root: str | Path, split: Split = "train", limit: int | None = None) -> None:
+        _check_split(split)
+        _check_limit(limit)
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        classes = _class_names(root / "train")
+        if not classes:
+            raise ValueError(f"{root / 'train'} has no class subdirectories")
+        split_dir = root / split
+        split_classes = _class_names(split_dir)
+        unknown = sorted(set(split_classes) - set(classes))
+        if unknown:
+            raise ValueError(f"{split_dir} has classes missing from {root / 'train'}: {unknown[:5]}")
+        index = {name: i for i, name in enumerate(classes)}
+        paths, labels = [], []
+        for name in split_classes:
+            files = _image_files(split_dir / name)
+            paths += files
+            labels += [index[name]] * len(files)
+        if not paths:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {split_dir}")
+        keep = np.arange(len(paths))
+        if limit is not None and limit < len(paths):
+            keep = np.arange(limit) * len(paths) // limit
+        # numpy arrays rather than lists of Python objects: workers reading a list touch its refcounts
+        # and so copy its pages, which grows memory per worker on large data sets.
+        self.paths = np.array(paths)[keep]
+        self.labels = np.array(labels, dtype=np.int64)[keep]
+        self.root = root
+        self.split = split
+        self.info = DatasetInfo(root.name, len(classes), IMAGENET_MEAN, IMAGENET_STD, tuple(classes))
+        self._skipped = multiprocessing.Value("q", 0)
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable images skipped so far, summed over this process and its DataLoader workers."""
+        return self._skipped.value
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        count = len(self)
+        index = range(count)[index]
+        for offset in range(count):
+            i = (index + offset) % count
+            try:
+                with Image.open(self.paths[i]) as img:
+                    return img.convert("RGB"), int(self.labels[i])
+            except _UNREADABLE as err:
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                warnings.warn(f"skipping unreadable image {self.paths[i]}: {err}", stacklevel=2)
+        raise RuntimeError(f"none of the {count} images under {self.root / self.split} can be read")
+
+
+class SyntheticImages(Dataset):
+    """Deterministic toy images for tests: the class sets colour and stripe orientation; phase, noise vary."""
+
+    def __init__(self, num_samples: int, num_classes: int = 4, size: int = 32, seed: int = 0) -> None:
+        counts = (num_samples, num_classes, size)
+        if min(counts) <= 0:
+            raise ValueError(f"num_samples, num_classes and size must be positive, got {counts}")
+        self.num_classes = num_classes
+        self.size = size
+        self.seed = seed
+        self.labels = np.random.default_rng(seed).integers(num_classes, size=num_samples)
+        self.info = DatasetInfo(
+            "synthetic", num_classes, (0.5,) * 3, (0.5,) * 3, tuple(f"class_{k}" for k in range(num_classes))
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        index = range(len(self))[index]
+        label = int(self.labels[index])
+        rng = np.random.default_rng([self.seed, index])
+        angle = np.pi * label / self.num_classes
+        ys, xs = np.mgrid[0 : self.size, 0 : self.size]
+        period = max(4.0, self.size / 4)
+        along = xs * np.cos(angle) + ys * np.sin(angle)
+        wave = np.sin(2 * np.pi * along / period + rng.uniform(0, 2 * np.pi))
+        colour = np.array(colorsys.hsv_to_rgb(label / self.num_classes, 0.8, 0.9))
+        pixels = colour * (0.6 + 0.4 * wave)[..., None] + rng.normal(0, 0.08, (self.size, self.size, 3))
+        return Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)), label
+
+
+def _holds_idx_files(path: Path) -> bool:
+    names = [base for pair in _FASHION_MNIST_FILES.values() for base in pair]
+    return any((path / name).is_file() or (path / f"{name}.gz").is_file() for name in names)
+
+
+def build_dataset(name_or_path: str, split: Split, limit: int | None = None) -> Dataset:
+    """'fashion_mnist', 'synthetic', a directory of Fashion-MNIST IDX files, or an ImageNet-style folder."""
+    _check_split(split)
+    _check_limit(limit)
+    if name_or_path == "fashion_mnist":
+        return FashionMNIST(None, split, limit)
+    if name_or_path == "synthetic":
+        size = SYNTHETIC_SIZES[split]
+        return SyntheticImages(size if limit is None else min(size, limit), seed=0 if split == "train" else 1)
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"data set {name_or_path!r} is neither 'fashion_mnist', 'synthetic' nor an existing directory"
+        )
+    if _holds_idx_files(path):
+        return FashionMNIST(path, split, limit)
+    return ImageFolder(path, split, limit)
