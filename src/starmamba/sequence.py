@@ -16,6 +16,7 @@ patches row-major) followed by the ``T`` tokens of one separator unit.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -223,9 +224,9 @@ class SequenceLayout:
         A query predicting from unit ``source`` sees the encoder tokens of units 0..source: causal
         between units, every token of a unit visible to every query of the prediction.
         """
-        starts = torch.tensor([0] + [u.num_tokens for u in self.encoder_units]).cumsum(0)
+        starts = list(itertools.accumulate((u.num_tokens for u in self.encoder_units), initial=0))
         visible_until = torch.tensor(
-            [int(starts[p.source + 1]) for p in self.predictions for _ in range(self.target_unit(p).num_tokens)]
+            [starts[p.source + 1] for p in self.predictions for _ in range(self.target_unit(p).num_tokens)]
         )
         return torch.arange(self.num_tokens)[None, :] < visible_until[:, None]
 

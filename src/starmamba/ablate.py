@@ -1,0 +1,200 @@
+"""``starmamba ablate TABLE``: the paper's ablation Tables 1-5, rerun at an affordable scale.
+
+Every row is pretrained and finetuned with the same budget and data for each seed; the table shows
+our mean +- std next to the paper's ImageNet numbers (MambaMLP-B, 200 epochs). Runs are cached by a
+hash of their config, so a rerun skips what has finished and rows that share a pretraining (Table 5)
+pretrain once. ``--jobs`` runs several seeds/rows at once, one GPU each when there are GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import statistics
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import tyro
+
+from starmamba.experiments import Scale, finetune, pretrain, write_json
+
+ARM = {"images_per_sequence": 1, "separator": "none"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row: how it pretrains (StarConfig overrides, on top of the paper's defaults) and finetunes."""
+
+    label: str
+    star: dict
+    paper_ft: float
+    paper_ema: float
+    classifier: dict = field(default_factory=dict)
+    paper_hours: float | None = None
+
+
+def _zeros(images: int, **more) -> dict:
+    return {"images_per_sequence": images, "separator_value": "zeros", **more}
+
+
+TABLES: dict[int, tuple[str, list[Row]]] = {
+    1: ("Table 1: separator type (4 images per sequence)", [
+        Row("Baseline (ARM)", ARM, 81.81, 82.15),
+        Row("None", {"images_per_sequence": 4, "separator": "none"}, 78.64, 78.63),
+        Row("Token", _zeros(4, separator="token"), 79.41, 79.37),
+        Row("Cluster", _zeros(4), 82.15, 82.40),
+    ]),
+    2: ("Table 2: separator value (8 images per sequence)", [
+        Row("Baseline (ARM)", ARM, 81.81, 82.15),
+        Row("Zeros", _zeros(8), 81.77, 82.35),
+        Row("Ones", {"separator_value": "ones"}, 81.83, 82.26),
+        Row("Embeddings", {"separator_value": "embedding"}, 82.05, 82.27),
+        Row("Identity", {"separator_value": "identity"}, 82.03, 82.32),
+    ]),
+    3: ("Table 3: separator position (8 images per sequence)", [
+        Row("SC", _zeros(8, separator_position="SC"), 81.77, 82.35, paper_hours=24.6),
+        Row("CS", _zeros(8, separator_position="CS"), 77.93, 77.94, paper_hours=24.6),
+        Row("SCS", _zeros(8, separator_position="SCS"), 81.98, 82.33, paper_hours=31.4),
+        Row("CSC", _zeros(8, separator_position="CSC"), 78.69, 78.64, paper_hours=31.4),
+    ]),
+    4: ("Table 4: images per sequence", [
+        Row("1", _zeros(1), 81.94, 82.20),
+        Row("2", _zeros(2), 81.92, 82.24),
+        Row("4", _zeros(4), 82.15, 82.40),
+        Row("8", _zeros(8), 81.77, 82.35),
+        Row("16", _zeros(16), 81.55, 81.97),
+    ]),
+    5: ("Table 5: class token position (8 images per sequence)", [
+        Row("STAR (middle class token)", _zeros(8), 81.77, 82.35, classifier={"cls_token": "middle"}),
+        Row("STAR* (tail class token)", _zeros(8), 81.89, 82.61, classifier={"cls_token": "tail"}),
+    ]),
+}  # fmt: skip
+
+
+@dataclass
+class AblateConfig:
+    """Rerun one of the paper's ablation tables over several seeds."""
+
+    table: Annotated[Literal[1, 2, 3, 4, 5], tyro.conf.Positional]
+    """1 type, 2 value, 3 position, 4 images per sequence, 5 class-token position"""
+    seeds: int = 3
+    budget: float = 1.0
+    """scales every run's training images (1.0: about 5 minutes per row and seed on 2 CPU cores)"""
+    data_path: str = "fashion_mnist"
+    """'fashion_mnist' or any ImageFolder root"""
+    jobs: int = 1
+    """runs at once (processes; one GPU each when there are GPUs)"""
+    out: str = "reports/ablations"
+    val_images: int = 2000
+    progress: bool = True
+
+
+def _run_group(scale: Scale, root: str, seed: int, star: dict, classifiers: list[dict]) -> list[dict]:
+    """Pretrain once, finetune every classifier variant; results in the order given."""
+    pre = pretrain(scale, Path(root), seed, star)
+    return [{"pre": pre, "fine": finetune(scale, Path(root), seed, pre, options)} for options in classifiers]
+
+
+def _init_worker(slots) -> None:
+    slot = slots.get()
+    gpus = int(os.environ.get("STARMAMBA_ABLATE_GPUS", "0"))
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    else:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["STARMAMBA_ABLATE_JOBS"])))
+
+
+def run_ablation(cfg: AblateConfig) -> dict:
+    title, rows = TABLES[cfg.table]
+    out = Path(cfg.out)
+    root = out / "runs"
+    scale = Scale(cfg.budget, cfg.data_path, cfg.val_images, progress=cfg.progress and cfg.jobs == 1)
+    # Rows with the same pretraining share it (Table 5); every group runs once per seed.
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(json.dumps(row.star, sort_keys=True), []).append(i)
+    tasks = [(seed, members) for seed in range(cfg.seeds) for members in groups.values()]
+    args = [(scale, str(root), seed, rows[m[0]].star, [rows[i].classifier for i in m]) for seed, m in tasks]
+    if cfg.jobs > 1:
+        import torch
+
+        os.environ["STARMAMBA_ABLATE_GPUS"] = str(torch.cuda.device_count())
+        os.environ["STARMAMBA_ABLATE_JOBS"] = str(cfg.jobs)
+        context = multiprocessing.get_context("spawn")
+        slots = context.Manager().Queue()
+        for slot in range(cfg.jobs):
+            slots.put(slot)
+        with ProcessPoolExecutor(cfg.jobs, mp_context=context, initializer=_init_worker, initargs=(slots,)) as pool:
+            outcomes = list(pool.map(_run_group, *zip(*args, strict=True)))
+    else:
+        outcomes = []
+        for n, task in enumerate(args, start=1):
+            print(
+                f"\n[{n}/{len(args)}] {title}: seed {task[2]}, rows {', '.join(rows[i].label for i in tasks[n - 1][1])}"
+            )
+            outcomes.append(_run_group(*task))
+    per_row: list[list[dict]] = [[] for _ in rows]
+    for (_, members), results in zip(tasks, outcomes, strict=True):
+        for i, result in zip(members, results, strict=True):
+            per_row[i].append(result)
+    report = summarise(cfg, title, rows, per_row)
+    write_json(out / f"table{cfg.table}.json", report)
+    markdown = table_markdown(report)
+    (out / f"table{cfg.table}.md").write_text(markdown + "\n")
+    print("\n" + markdown)
+    return report
+
+
+def _mean_std(values: Sequence[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": list(values),
+    }
+
+
+def summarise(cfg: AblateConfig, title: str, rows: list[Row], per_row: list[list[dict]]) -> dict:
+    entries = []
+    for row, results in zip(rows, per_row, strict=True):
+        entries.append({
+            "label": row.label, "star": row.star, "classifier": row.classifier,
+            "paper_ft": row.paper_ft, "paper_ema": row.paper_ema, "paper_hours": row.paper_hours,
+            "acc1": _mean_std([r["fine"]["acc1"] for r in results]),
+            "ema_acc1": _mean_std([r["fine"]["ema_acc1"] for r in results]),
+            "pretrain_seconds": _mean_std([r["pre"]["seconds"] for r in results]),
+            "runs": [{"pretrain": r["pre"]["output_dir"], "finetune": r["fine"]["output_dir"]} for r in results],
+        })  # fmt: skip
+    return {"table": cfg.table, "title": title, "seeds": cfg.seeds, "budget": cfg.budget,
+            "data_path": cfg.data_path, "rows": entries}  # fmt: skip
+
+
+def table_markdown(report: dict) -> str:
+    with_time = report["table"] == 3
+    head = "| row | paper FT | paper EMA | ours top-1 | ours EMA top-1 |"
+    rule = "|---|---:|---:|---:|---:|"
+    if with_time:
+        head += " paper time (h) | ours pretrain (s) |"
+        rule += "---:|---:|"
+    lines = [
+        f"**{report['title']}** — paper: ImageNet-1k, MambaMLP-B, 200 epochs. Ours: {report['data_path']}, "
+        f"budget {report['budget']}, mean ± std over {report['seeds']} seed(s).",
+        "",
+        head,
+        rule,
+    ]
+    for e in report["rows"]:
+        line = (
+            f"| {e['label']} | {e['paper_ft']:.2f} | {e['paper_ema']:.2f} | "
+            f"{e['acc1']['mean']:.2f} ± {e['acc1']['std']:.2f} | "
+            f"{e['ema_acc1']['mean']:.2f} ± {e['ema_acc1']['std']:.2f} |"
+        )
+        if with_time:
+            line += f" {e['paper_hours']:.1f} | {e['pretrain_seconds']['mean']:.0f} |"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""The ``starmamba`` command: pretrain, finetune, evaluate, list-models, demo, ablate."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+from collections.abc import Callable
+
+import tyro
+
+from starmamba.models import SIZES, list_models
+from starmamba.train.config import (
+    PRESETS,
+    EvaluateConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    load_config_file,
+    preset,
+)
+
+USAGE = """usage: starmamba COMMAND [OPTIONS]
+
+commands:
+  pretrain      autoregressive pretraining (STAR by default; ARM with --preset arm_base_in1k)
+  finetune      finetune a 4-scan MambaMLP classifier, from scratch or from --finetune CHECKPOINT
+  evaluate      top-1 / top-5 of a classifier checkpoint (ours, or ARM's .pth)
+  list-models   the model presets
+  demo          the whole story on Fashion-MNIST in minutes: STAR vs ARM vs from scratch
+  ablate        rerun one of the paper's ablation tables (1-5) at an affordable scale
+
+`starmamba COMMAND --help` lists every option of a command with its default."""
+
+
+def with_model(cfg, name: str, family: str):
+    """``cfg`` with the width and depth of preset ``name`` (other architecture options kept)."""
+    prefix, _, size = name.partition("_")
+    if prefix != family or size not in SIZES:
+        choices = [m for m in list_models() if m.startswith(family)]
+        raise ValueError(f"--model {name!r} is not one of {', '.join(choices)}")
+    dim, depth = SIZES[size]
+    return dataclasses.replace(cfg, model=name, arch=dataclasses.replace(cfg.arch, dim=dim, depth=depth))
+
+
+def parse_job(job: str, config_type: type, family: str, argv: list[str]):
+    """Preset, then config file, then --model, then every other flag."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--config")
+    pre.add_argument("--model")
+    known, rest = pre.parse_known_args(argv)
+    base = preset(job, known.preset) if known.preset else config_type()
+    if known.config:
+        base = load_config_file(known.config, config_type, base)
+    if known.model:
+        base = with_model(base, known.model, family)
+    description = (
+        f"{config_type.__doc__}\n\nApplied in order: --preset NAME (one of {', '.join(PRESETS[job])}), "
+        f"--config FILE.json (e.g. a run's config.json), --model NAME (width and depth of a preset), "
+        f"then the options below. Defaults shown are those in effect."
+    )
+    return tyro.cli(
+        config_type, default=base, args=rest, prog=f"starmamba {job}", description=description, use_underscores=True
+    )
+
+
+def cmd_pretrain(argv: list[str]) -> None:
+    from starmamba.train.pretrain import run_pretrain
+
+    run_pretrain(parse_job("pretrain", PretrainConfig, "star", argv))
+
+
+def cmd_finetune(argv: list[str]) -> None:
+    from starmamba.train.finetune import run_finetune
+
+    run_finetune(parse_job("finetune", FinetuneConfig, "mambamlp", argv))
+
+
+def cmd_evaluate(argv: list[str]) -> None:
+    from starmamba.train.evaluate import run_evaluate
+
+    run_evaluate(tyro.cli(EvaluateConfig, args=argv, prog="starmamba evaluate", use_underscores=True))
+
+
+def cmd_list_models(argv: list[str]) -> None:
+    import torch
+
+    from starmamba.models import build_model, model_config
+
+    print(f"{'model':16s} {'width':>5s} {'depth':>5s} {'scans':>5s} {'img':>4s}  parameters")
+    for name in list_models():
+        cfg = model_config(name)
+        with torch.device("meta"):
+            count = sum(p.numel() for p in build_model(cfg).parameters())
+        print(f"{name:16s} {cfg.dim:5d} {cfg.depth:5d} {cfg.scans:5d} {cfg.img_size:4d}  {count / 1e6:.1f}M")
+
+
+def cmd_demo(argv: list[str]) -> None:
+    from starmamba.demo import DemoConfig, run_demo
+
+    run_demo(tyro.cli(DemoConfig, args=argv, prog="starmamba demo", use_underscores=True))
+
+
+def cmd_ablate(argv: list[str]) -> None:
+    from starmamba.ablate import AblateConfig, run_ablation
+
+    run_ablation(tyro.cli(AblateConfig, args=argv, prog="starmamba ablate", use_underscores=True))
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "pretrain": cmd_pretrain,
+    "finetune": cmd_finetune,
+    "evaluate": cmd_evaluate,
+    "list-models": cmd_list_models,
+    "demo": cmd_demo,
+    "ablate": cmd_ablate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        print(
+            f"starmamba: unknown command {command!r}" + (f"; did you mean {close[0]}?" if close else ""),
+            file=sys.stderr,
+        )
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[command](rest)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"starmamba {command}: error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # tyro exits after --help and after a config it refused (already printed)
+        return done.code if isinstance(done.code, int) else 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Pretrain -> finetune experiments at a scale one CPU affords, shared by ``demo`` and ``ablate``.
+
+The geometry is the paper's scaled down: 24 px Fashion-MNIST (or any data set), patch 4 -> 6 x 6
+patches, clusters of 2 x 2 patches -> the paper's 3 x 3 clusters per image, separators of 4 tokens,
+40 tokens per image, 8 images per sequence. The models are a 6-block, 96-wide MambaMLP with a
+4-layer, 128-wide decoder. ``budget`` scales the number of training images; at budget 1 a pretrain
+plus a finetune take about 5 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from starmamba.models import model_config
+from starmamba.train.config import FinetuneConfig, PretrainConfig, to_dict
+
+SMALL_ARCH = dict(img_size=24, patch_size=4, dim=96, depth=6)
+SMALL_DECODER = dict(decoder_dim=128, decoder_head_dim=32)
+PRETRAIN_IMAGES = 10_240  # per epoch at budget 1
+FINETUNE_IMAGES = 5_120
+EPOCHS = 2
+BATCH = 64
+
+
+@dataclass
+class Scale:
+    """How big every run of an experiment is."""
+
+    budget: float = 1.0
+    data_path: str = "fashion_mnist"
+    val_images: int = 2000
+    num_workers: int = 1
+    progress: bool = True
+
+    def images(self, per_epoch: int) -> int:
+        """Training images per epoch at this budget, in whole batches (at least 2)."""
+        return max(2, round(per_epoch * self.budget / BATCH)) * BATCH
+
+
+def pretrain_config(scale: Scale, out: Path, seed: int, **star_options) -> PretrainConfig:
+    """Small-scale STAR pretraining; ``star_options`` are StarConfig overrides (ARM: N=1, no separator)."""
+    arch = model_config("star_tiny", **SMALL_ARCH, **SMALL_DECODER, cluster_size=2, **star_options)
+    return PretrainConfig(
+        model="star_tiny", arch=arch, data_path=scale.data_path, output_dir=str(out), batch_size=BATCH,
+        epochs=EPOCHS, warmup_epochs=0.25, blr=1.5e-3, clip_grad=3.0, seed=seed,
+        limit_train=scale.images(PRETRAIN_IMAGES), limit_val=scale.val_images, num_workers=scale.num_workers,
+        progress=scale.progress, tensorboard=False, log_every=10,
+    )  # fmt: skip
+
+
+def finetune_config(scale: Scale, out: Path, seed: int, pretrained: str = "", **classifier_options) -> FinetuneConfig:
+    """Small-scale finetuning of the matching 4-scan classifier (from ``pretrained`` or from scratch).
+
+    The recipe keeps the paper's structure (AdamW, warmup + cosine, layer decay, drop path, EMA,
+    label smoothing, random erasing) but leaves out RandAugment and Mixup/CutMix, which only slow
+    down a run of a few thousand images.
+    """
+    arch = model_config("mambamlp_tiny", **SMALL_ARCH, drop_path=0.1, **classifier_options)
+    return FinetuneConfig(
+        model="mambamlp_tiny", arch=arch, finetune=pretrained, data_path=scale.data_path, output_dir=str(out),
+        batch_size=BATCH, epochs=EPOCHS, warmup_epochs=0.25, blr=2e-3, layer_decay=0.75, ema_decay=0.995,
+        mixup=0.0, cutmix=0.0, aa="", seed=seed, limit_train=scale.images(FINETUNE_IMAGES),
+        limit_val=scale.val_images, num_workers=scale.num_workers, progress=scale.progress,
+        tensorboard=False, log_every=10, crop_pct=1.0,
+    )  # fmt: skip
+
+
+def write_json(path: Path, payload) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def config_key(config) -> str:
+    """A short hash of what decides a run's outcome (not where it writes or how it shows progress)."""
+    values = to_dict(config)
+    for key in ("output_dir", "progress", "num_workers", "log_every", "tensorboard"):
+        values.pop(key, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cached_run(root: Path, config, run) -> dict:
+    """Run ``run(config)`` in ``root/<config hash>`` unless a finished result is already there."""
+    folder = root / f"{type(config).__name__.removesuffix('Config').lower()}-{config_key(config)}"
+    result_path = folder / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    result = run(dataclasses.replace(config, output_dir=str(folder)))
+    write_json(result_path, result)
+    return result
+
+
+def pretrain(scale: Scale, root: Path, seed: int, star_options: dict) -> dict:
+    """A cached small-scale pretraining run; the result names its folder and weights."""
+    from starmamba.train.pretrain import run_pretrain
+
+    return cached_run(root, pretrain_config(scale, root, seed, **star_options), run_pretrain)
+
+
+def finetune(
+    scale: Scale, root: Path, seed: int, pretrained: dict | None, classifier_options: dict | None = None
+) -> dict:
+    """A cached small-scale finetuning run, from a :func:`pretrain` result or from scratch."""
+    from starmamba.train.finetune import run_finetune
+
+    weights = str(Path(pretrained["output_dir"]) / "model.safetensors") if pretrained else ""
+    config = finetune_config(scale, root, seed, weights, **(classifier_options or {}))
+    return cached_run(root, config, run_finetune)

@@ -1,0 +1,69 @@
+"""Figures for the demo and ablation reports, drawn from the runs' metrics.jsonl and images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from starmamba.train.metrics import read_metrics
+
+
+def demo_figures(rows: list[dict], out: Path) -> None:
+    """curves.png (pretraining loss, finetuning top-1 per method) and reconstructions.png.
+
+    ``rows`` name each method and its run folders (``pretrain_dir`` may be None).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_pre, ax_fine) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in rows:
+        method = row["method"]
+        if row["pretrain_dir"]:
+            records = [r for r in read_metrics(Path(row["pretrain_dir"]) / "metrics.jsonl") if "loss" in r]
+            ax_pre.plot([r["step"] for r in records], [r["loss"] for r in records], label=method)
+        fine = [r for r in read_metrics(Path(row["finetune_dir"]) / "metrics.jsonl") if "acc1" in r]
+        ax_fine.plot([r["epoch"] for r in fine], [r["acc1"] for r in fine], marker="o", label=f"{method}")
+        if fine and "ema_acc1" in fine[0]:
+            ax_fine.plot([r["epoch"] for r in fine], [r["ema_acc1"] for r in fine], ls="--", label=f"{method} (EMA)")
+    ax_pre.set(title="pretraining loss (norm-pixel MSE)", xlabel="step", ylabel="loss")
+    ax_fine.set(title="finetuning: validation top-1", xlabel="epoch", ylabel="top-1 (%)")
+    for ax in (ax_pre, ax_fine):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / "curves.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out / "curves.png")
+    stack_images(
+        [(r["method"], Path(r["pretrain_dir"]) / "reconstructions.png") for r in rows if r["pretrain_dir"]],
+        out / "reconstructions.png",
+    )
+
+
+def stack_images(labelled: list[tuple[str, Path]], path: Path, scale: int = 3) -> None:
+    """Stack the images that exist vertically, each under its label, enlarged ``scale`` times."""
+    panels = []
+    for label, image_path in labelled:
+        if not image_path.exists():
+            continue
+        image = Image.open(image_path).convert("RGB")
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        panel = Image.new("RGB", (image.width, image.height + 16), "white")
+        ImageDraw.Draw(panel).text((2, 2), f"{label}: originals (top), predictions (bottom)", fill="black")
+        panel.paste(image, (0, 16))
+        panels.append(panel)
+    if not panels:
+        return
+    canvas = Image.new("RGB", (max(p.width for p in panels), sum(p.height for p in panels)), "white")
+    y = 0
+    for panel in panels:
+        canvas.paste(panel, (0, y))
+        y += panel.height
+    tmp = path.with_name(path.stem + ".tmp.png")
+    canvas.save(tmp)
+    tmp.replace(path)

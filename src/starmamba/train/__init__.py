@@ -1,0 +1,16 @@
+"""Training: typed job configs, the shared loop, the pretrain / finetune / evaluate jobs, checkpoints."""
+
+from starmamba.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig, preset
+from starmamba.train.evaluate import run_evaluate
+from starmamba.train.finetune import run_finetune
+from starmamba.train.pretrain import run_pretrain
+
+__all__ = [
+    "EvaluateConfig",
+    "FinetuneConfig",
+    "PretrainConfig",
+    "preset",
+    "run_evaluate",
+    "run_finetune",
+    "run_pretrain",
+]

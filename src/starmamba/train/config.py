@@ -1,0 +1,256 @@
+"""Typed configs of the three jobs (pretrain, finetune, evaluate), their presets, and config files.
+
+Defaults are the paper's recipes (section 4.1, with ARM's choices where the paper is silent); flag
+names follow MAE/ARM (``--blr``, ``--accum_iter``, ``--layer_decay``, ...). The model's own options
+(``StarConfig``/``ClassifierConfig``) are flattened into the same namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tyro
+
+from starmamba.config import check_choice, check_fraction, check_positive
+from starmamba.models import ClassifierConfig, StarConfig, model_config
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass
+class RunConfig:
+    """Options every training job shares."""
+
+    data_path: str = "fashion_mnist"
+    """'fashion_mnist', 'synthetic', an ImageFolder root (train/<class>/*, val/<class>/*) or an IDX folder"""
+    output_dir: str = "runs/run"
+    """where the config, metrics, checkpoints and plots go"""
+    batch_size: int = 256
+    """images per process and step (effective batch = batch_size * accum_iter * processes)"""
+    accum_iter: int = 1
+    """micro-batches accumulated per optimizer step"""
+    epochs: int = 300
+    warmup_epochs: float = 40.0
+    blr: float = 1.5e-4
+    """base learning rate: lr = blr * effective batch / 256"""
+    lr: float | None = None
+    """absolute learning rate; overrides blr when given"""
+    min_lr: float = 0.0
+    """floor of the cosine schedule"""
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = None
+    """clip the gradient norm to this value (None: no clipping)"""
+    seed: int = 0
+    num_workers: int = 4
+    """data-loading processes per training process"""
+    device: Device = "auto"
+    """'auto' takes CUDA when present (bf16 autocast there, fp32 on CPU)"""
+    resume: str = ""
+    """'' starts afresh, 'auto' continues from the latest checkpoint in output_dir, or a checkpoint directory"""
+    ckpt_every: int = 0
+    """optimizer steps between checkpoints (0: only at the end of every epoch)"""
+    keep_checkpoints: int = 1
+    limit_train: int | None = None
+    """use only the first N training images (quick runs)"""
+    limit_val: int | None = None
+    """use only the first N validation images"""
+    log_every: int = 20
+    """optimizer steps between metric lines"""
+    tensorboard: bool = True
+    """also write TensorBoard events when tensorboard is installed"""
+    progress: bool = True
+    """show a progress bar"""
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "accum_iter", "epochs", "keep_checkpoints", "log_every"):
+            check_positive(name, getattr(self, name))
+        for name in ("warmup_epochs", "min_lr", "weight_decay", "num_workers", "ckpt_every", "blr"):
+            check_positive(name, getattr(self, name), allow_zero=True)
+        check_choice("device", self.device, Device)
+        if self.lr is not None:
+            check_positive("lr", self.lr)
+        if self.clip_grad is not None:
+            check_positive("clip_grad", self.clip_grad)
+        for beta in self.betas:
+            check_fraction("betas", beta)
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """STAR (or ARM) autoregressive pretraining. Defaults: STAR-B, 300 epochs, batch 2048 over 8 GPUs."""
+
+    model: str = "star_base"
+    """preset the architecture starts from (star_tiny ... star_huge); the options below override it"""
+    arch: Annotated[StarConfig, tyro.conf.arg(name="")] = field(default_factory=lambda: model_config("star_base"))
+    output_dir: str = "runs/pretrain"
+    clip_grad: float | None = 3.0
+    min_crop_scale: float = 0.2
+    """lower bound of the random-resized-crop area"""
+    recon_every: int = 1
+    """epochs between reconstruction images"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_fraction("min_crop_scale", self.min_crop_scale)
+        per_process = self.batch_size
+        if per_process % self.arch.images_per_sequence:
+            raise ValueError(
+                f"batch_size={per_process} is not a multiple of images_per_sequence="
+                f"{self.arch.images_per_sequence}: every batch must pack whole sequences"
+            )
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """Finetuning a 4-scan MambaMLP classifier. Defaults: the paper's Base recipe (batch 1024 over 8 GPUs)."""
+
+    model: str = "mambamlp_base"
+    """preset the architecture starts from (mambamlp_tiny ... mambamlp_huge); the options below override it"""
+    arch: Annotated[ClassifierConfig, tyro.conf.arg(name="")] = field(
+        default_factory=lambda: model_config("mambamlp_base", drop_path=0.1)
+    )
+    finetune: str = ""
+    """pretrained weights to start from: a starmamba run or .safetensors, or ARM's .pth; '' trains from scratch"""
+    output_dir: str = "runs/finetune"
+    batch_size: int = 128
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    blr: float = 5e-4
+    min_lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.65
+    """layer-wise lr decay (0.65 Base, 0.75 Large; 1.0 disables)"""
+    ema_decay: float | None = 0.99992
+    """decay of the EMA of weights, evaluated separately (None: no EMA)"""
+    mixup: float = 0.8
+    """Mixup alpha (0 disables)"""
+    cutmix: float = 1.0
+    """CutMix alpha (0 disables)"""
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+    """label smoothing"""
+    aa: str = "rand-m9-mstd0.5-inc1"
+    """RandAugment policy in timm's notation ('' disables)"""
+    reprob: float = 0.25
+    """random erasing probability"""
+    crop_pct: float = 0.875
+    """evaluation resizes to img_size / crop_pct, then centre-crops img_size"""
+    eval_every: int = 1
+    """epochs between evaluations (the last epoch is always evaluated)"""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("layer_decay", "mixup_prob", "mixup_switch_prob", "smoothing", "reprob", "crop_pct"):
+            check_fraction(name, getattr(self, name))
+        for name in ("mixup", "cutmix"):
+            check_positive(name, getattr(self, name), allow_zero=True)
+        if self.ema_decay is not None:
+            check_fraction("ema_decay", self.ema_decay)
+        check_positive("eval_every", self.eval_every)
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ValueError(f"batch_size={self.batch_size} must be even for Mixup/CutMix (pairs are mixed)")
+
+
+@dataclass
+class EvaluateConfig:
+    """Top-1 / top-5 of a classifier checkpoint on a validation split."""
+
+    checkpoint: str
+    """a starmamba checkpoint directory or .safetensors file, or ARM's finetuned .pth"""
+    data_path: str = "fashion_mnist"
+    batch_size: int = 128
+    num_workers: int = 4
+    device: Device = "auto"
+    ema: bool = False
+    """evaluate the EMA weights of a starmamba checkpoint"""
+    crop_pct: float = 0.875
+    limit_val: int | None = None
+
+
+def _fashion_mnist_star() -> PretrainConfig:
+    # The paper's geometry scaled to 28 px clothes: 48 px, patch 4 -> 12 x 12 patches,
+    # clusters of 4 x 4 patches -> 3 x 3 clusters, 160 tokens per image, 8 images per sequence.
+    arch = model_config("star_tiny", img_size=48, patch_size=4, dim=96, depth=6, decoder_dim=128, decoder_head_dim=32)
+    return PretrainConfig(
+        model="star_tiny", arch=arch, batch_size=64, epochs=2, warmup_epochs=0.2, blr=1.5e-3, num_workers=1,
+        output_dir="runs/fashion_mnist/pretrain",
+    )  # fmt: skip
+
+
+def _fashion_mnist_classifier() -> FinetuneConfig:
+    arch = model_config("mambamlp_tiny", img_size=48, patch_size=4, dim=96, depth=6, drop_path=0.1, num_classes=10)
+    return FinetuneConfig(
+        model="mambamlp_tiny", arch=arch, batch_size=64, epochs=2, warmup_epochs=0.2, blr=2e-3,
+        layer_decay=0.75, ema_decay=0.999, num_workers=1, output_dir="runs/fashion_mnist/finetune",
+    )  # fmt: skip
+
+
+PRESETS: dict[str, dict[str, Callable[[], Any]]] = {
+    "pretrain": {
+        "star_base_in1k_300ep": lambda: PretrainConfig(epochs=300),
+        "star_base_in1k_1600ep": lambda: PretrainConfig(epochs=1600),
+        "star_large_in1k_300ep": lambda: PretrainConfig(
+            model="star_large", arch=model_config("star_large"), batch_size=128, accum_iter=2
+        ),
+        "arm_base_in1k": lambda: PretrainConfig(
+            arch=model_config("star_base", images_per_sequence=1, separator="none"), output_dir="runs/arm"
+        ),
+        "fashion_mnist": _fashion_mnist_star,
+    },
+    "finetune": {
+        "finetune_base_in1k": FinetuneConfig,
+        "finetune_large_in1k": lambda: FinetuneConfig(
+            model="mambamlp_large",
+            arch=model_config("mambamlp_large", drop_path=0.3),
+            batch_size=32,
+            accum_iter=4,
+            layer_decay=0.75,
+        ),
+        "fashion_mnist": _fashion_mnist_classifier,
+    },
+}
+
+
+def preset(job: str, name: str):
+    """The config of preset ``name`` for ``job`` ('pretrain' or 'finetune')."""
+    if name not in PRESETS[job]:
+        raise ValueError(f"unknown {job} preset {name!r}; choose one of {', '.join(PRESETS[job])}")
+    return PRESETS[job][name]()
+
+
+def to_dict(config) -> dict:
+    """A JSON-ready dict of a config (nested dataclasses become dicts)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def from_dict(config_type: type, values: dict):
+    """Rebuild a config from :func:`to_dict`'s output; unknown keys are an error naming them."""
+    known = {f.name: f for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option(s) for {config_type.__name__}: {', '.join(unknown)}")
+    kwargs = dict(values)
+    if "arch" in kwargs:
+        arch_type = StarConfig if config_type is PretrainConfig else ClassifierConfig
+        kwargs["arch"] = arch_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs["arch"].items()})
+    for key, value in kwargs.items():
+        if isinstance(value, list):
+            kwargs[key] = tuple(value)
+    return config_type(**kwargs)
+
+
+def load_config_file(path: str | Path, config_type: type, base):
+    """``base`` with the options of a JSON config file applied (e.g. a run's saved config.json)."""
+    values = json.loads(Path(path).read_text())
+    merged = to_dict(base)
+    if "arch" in values:
+        values["arch"] = {**merged["arch"], **values["arch"]}
+    merged.update(values)
+    return from_dict(config_type, merged)

@@ -1,0 +1,111 @@
+"""Processes and devices: torchrun's environment, NCCL on GPU or gloo on CPU, and rank-aware samplers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands: its rank among ``world_size`` and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(choice: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a clear error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for, but PyTorch sees no CUDA device")
+    return torch.device(choice)
+
+
+def start(device_choice: str) -> Processes:
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(device_choice)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Processes(rank, world, device)
+
+
+def stop() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over processes (identity in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class TrainSampler(Sampler[int]):
+    """This process's share of a permutation drawn from (seed, epoch), in whole batches.
+
+    Every process gets the same number of whole batches; the images of the last partial batch
+    of an epoch (fewer than world_size * batch_size) are left out of that epoch only, and a
+    different set each epoch since the permutation changes. ``set_epoch(epoch, skip)`` skips
+    the first ``skip`` batches, which is how a run resumed mid-epoch continues exactly.
+    """
+
+    def __init__(self, size: int, batch_size: int, processes: Processes, seed: int) -> None:
+        self.size, self.batch_size, self.processes, self.seed = size, batch_size, processes, seed
+        self.batches = size // (processes.world_size * batch_size)
+        if self.batches == 0:
+            raise ValueError(
+                f"{size} training images are fewer than one batch of {batch_size} images "
+                f"on each of {processes.world_size} process(es)"
+            )
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    @property
+    def unused_per_epoch(self) -> int:
+        return self.size - self.batches * self.batch_size * self.processes.world_size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator)
+        mine = order[self.processes.rank :: self.processes.world_size][: self.batches * self.batch_size]
+        return iter(mine[self.skip * self.batch_size :].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches - self.skip) * self.batch_size
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``world_size``-th index from ``rank``, in order: each image evaluated exactly once."""
+
+    def __init__(self, size: int, processes: Processes) -> None:
+        self.indices = list(range(processes.rank, size, processes.world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

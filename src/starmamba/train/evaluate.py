@@ -1,0 +1,67 @@
+"""Classification metrics (top-1, top-5, loss), computed across processes, and the evaluate job."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from starmamba.data import Augmented, EvalTransform, build_dataset
+from starmamba.train.config import EvaluateConfig
+from starmamba.train.distributed import Processes, ShardSampler, all_reduce_sum, start, stop
+from starmamba.train.loading import load_classifier
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, processes: Processes) -> DataLoader:
+    """Each process a shard of ``dataset``, in order, every image once."""
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), processes), num_workers=num_workers,
+        pin_memory=processes.device.type == "cuda",
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """{'acc1', 'acc5' (percent), 'val_loss'} of ``model`` over every process's shard."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(labels[:, None])
+        totals += torch.tensor(
+            [hits[:, :1].sum().item(), hits.sum().item(), F.cross_entropy(logits, labels, reduction="sum").item(),
+             labels.numel()], dtype=torch.float64,
+        )  # fmt: skip
+    correct1, correct5, loss, count = all_reduce_sum(totals).tolist()
+    if count == 0:
+        raise ValueError("the evaluation set is empty")
+    return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "val_loss": loss / count}
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
+    """Load a classifier checkpoint (ours or ARM's) and print its top-1 / top-5 on the validation split."""
+    processes = start(cfg.device)
+    try:
+        model, description = load_classifier(cfg.checkpoint, ema=cfg.ema)
+        dataset = build_dataset(cfg.data_path, "val", limit=cfg.limit_val)
+        if dataset.info.num_classes != model.cfg.num_classes:
+            raise ValueError(
+                f"{cfg.checkpoint} classifies {model.cfg.num_classes} classes but {cfg.data_path} has "
+                f"{dataset.info.num_classes}"
+            )
+        transform = EvalTransform(model.cfg.img_size, dataset.info.mean, dataset.info.std, crop_pct=cfg.crop_pct)
+        loader = eval_loader(Augmented(dataset, transform), cfg.batch_size, cfg.num_workers, processes)
+        result = evaluate(model.to(processes.device), loader, processes.device)
+        if processes.is_main:
+            print(
+                f"{description} on {cfg.data_path} ({len(dataset)} images): top-1 {result['acc1']:.2f}%  "
+                f"top-5 {result['acc5']:.2f}%  loss {result['val_loss']:.4f}"
+            )
+        return result
+    finally:
+        stop()

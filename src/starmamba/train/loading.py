@@ -1,0 +1,67 @@
+"""Loading models from files: starmamba checkpoints and exports (safetensors), and ARM's ``.pth``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starmamba.train.checkpoint import check_compatible, load_weights
+from torch import Tensor
+
+from starmamba.models.arm import arm_classifier_config, from_arm, read_arm_checkpoint
+from starmamba.models.backbone import ClassifierConfig, MambaMLPClassifier
+
+
+def is_arm_file(path: str | Path) -> bool:
+    return Path(path).suffix in (".pth", ".pt")
+
+
+def _weights_file(path: Path, ema: bool) -> Path:
+    if path.is_dir():
+        return path / ("ema.safetensors" if ema else "model.safetensors")
+    if ema:
+        raise ValueError(f"--ema needs a checkpoint directory holding ema.safetensors, not {path}")
+    return path
+
+
+def load_pretrained_state(path: str | Path) -> dict[str, Tensor]:
+    """Weights to start finetuning from, in this library's key names (``encoder.*`` and more)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no pretrained checkpoint at {path}")
+    if is_arm_file(path):
+        return from_arm(read_arm_checkpoint(path)["model"])
+    state, _ = load_weights(_weights_file(path, ema=False))
+    return state
+
+
+def load_classifier(path: str | Path, ema: bool = False) -> tuple[MambaMLPClassifier, str]:
+    """A classifier with its weights, and a line describing where they came from.
+
+    ``path`` is a starmamba checkpoint directory or ``.safetensors`` export (``ema`` picks the EMA
+    weights of a directory), or an ARM ``.pth`` (``ema`` picks its ``model_ema``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if is_arm_file(path):
+        checkpoint = read_arm_checkpoint(path)
+        key = "model_ema" if ema else "model"
+        if key not in checkpoint:
+            raise ValueError(f"{path} holds no '{key}' weights")
+        state = from_arm(checkpoint[key])
+        if "head.weight" not in state:
+            raise ValueError(f"{path} is an ARM pretraining checkpoint; finetune it first (--finetune {path})")
+        cfg = arm_classifier_config(state, checkpoint.get("args"))
+        description = f"ARM {'EMA ' if ema else ''}weights {path.name} (MambaMLP dim {cfg.dim}, depth {cfg.depth})"
+    else:
+        weights = _weights_file(path, ema)
+        state, meta = load_weights(weights)
+        name, config = meta.get("model", "?"), meta.get("config", {})
+        if "images_per_sequence" in config:
+            raise ValueError(f"{weights} holds the pretraining model {name}; finetune it first (--finetune {path})")
+        cfg = ClassifierConfig(**config)
+        description = f"{name} {'EMA ' if ema else ''}weights from {weights}"
+    model = MambaMLPClassifier(cfg)
+    check_compatible(state, model, source=str(path))
+    model.load_state_dict(state)
+    return model, description

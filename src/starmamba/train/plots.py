@@ -1,0 +1,89 @@
+"""Pictures of a run: its training curves and grids of images (reconstructions); written atomically."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+PANEL_INCHES = (4.5, 3.5)
+DPI = 100
+PADDING = 2  # pixels around and between the images of a grid
+EVAL_SERIES = {"acc1": "top-1", "ema_acc1": "EMA top-1"}
+
+
+def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
+    """Draw the curves ``records`` (metrics.jsonl lines) hold, side by side, into the PNG ``path``.
+
+    Panels, each where its keys appear: train ``loss`` and ``lr`` against ``step``, validation top-1
+    (``acc1``, ``ema_acc1``) and ``val_loss`` against ``epoch``. Each panel is 450 x 350 pixels.
+    Nothing is written when there is nothing to draw.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+
+    def series(x: str, y: str) -> tuple[list, list]:
+        points = [(r[x], r[y]) for r in records if x in r and y in r]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    present = {key for record in records for key in record}
+    panels: list[tuple[str, str, list[tuple[str, tuple[list, list]]]]] = []
+    for key, name in (("loss", "train loss"), ("lr", "learning rate")):
+        if key in present:
+            panels.append((name, "step", [(key, series("step", key))]))
+    top1 = [(label, series("epoch", key)) for key, label in EVAL_SERIES.items() if key in present]
+    if top1:
+        panels.append(("validation top-1 (%)", "epoch", top1))
+    if "val_loss" in present:
+        panels.append(("validation loss", "epoch", [("val_loss", series("epoch", "val_loss"))]))
+    if not panels:
+        return
+
+    # Figure with its own Agg canvas, not pyplot: no global backend switch, no figures left open.
+    figure = Figure(figsize=(PANEL_INCHES[0] * len(panels), PANEL_INCHES[1]), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    row = figure.subplots(1, len(panels), squeeze=False)[0]
+    for axes, (name, x_label, lines) in zip(row, panels, strict=True):
+        for label, (xs, ys) in lines:
+            axes.plot(xs, ys, label=label, marker="o" if x_label == "epoch" else None)
+        axes.set(title=name, xlabel=x_label)
+        axes.grid(alpha=0.3)
+        if len(lines) > 1:
+            axes.legend()
+    if title:
+        figure.suptitle(title)
+    temp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(temp, format="png")
+    os.replace(temp, path)
+
+
+def save_image_grid(images: Tensor, path: Path, nrow: int) -> None:
+    """Save images (N, 3 or 1, H, W) with values in [0, 1] as one PNG, ``nrow`` images per row.
+
+    The images are separated and surrounded by 2 white pixels.
+    """
+    path = Path(path)
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
+        raise ValueError(f"expected images (N, 3 or 1, H, W) with N > 0, got shape {tuple(images.shape)}")
+    count, _, height, width = images.shape
+    columns = min(nrow, count)
+    rows = math.ceil(count / columns)
+    canvas = torch.full(
+        (3, rows * (height + PADDING) + PADDING, columns * (width + PADDING) + PADDING),
+        255,
+        dtype=torch.uint8,
+    )
+    pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+    for index, image in enumerate(pixels):
+        top = PADDING + (index // columns) * (height + PADDING)
+        left = PADDING + (index % columns) * (width + PADDING)
+        canvas[:, top : top + height, left : left + width] = image
+    temp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy()).save(temp, format="PNG")
+    os.replace(temp, path)

@@ -1,0 +1,95 @@
+"""The command line: help with every option and default, presets, config files, clear errors."""
+
+import dataclasses
+import json
+
+import pytest
+
+from starmamba.cli import main, parse_job
+from starmamba.train.config import FinetuneConfig, PretrainConfig, preset, to_dict
+
+
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # messages on one line, whatever the terminal
+
+
+def help_text(capsys, *args):
+    assert main([*args, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_pretrain_help_lists_every_option_with_its_default(capsys):
+    text = help_text(capsys, "pretrain")
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)} - {"arch"}
+    fields |= {f.name for f in dataclasses.fields(PretrainConfig().arch)}
+    for name in fields:
+        assert f"--{name}" in text, name
+    for flag in ("--blr", "--accum_iter", "--norm_pix_loss", "--preset", "--config"):
+        assert flag in text
+    assert "(default: 0.00015)" in text and "(default: star_base)" in text
+
+
+def test_finetune_help_has_the_mae_vocabulary(capsys):
+    text = help_text(capsys, "finetune")
+    for flag in ("--layer_decay", "--mixup", "--cutmix", "--reprob", "--drop_path", "--ema_decay", "--finetune",
+                 "--smoothing", "--cls_token"):  # fmt: skip
+        assert flag in text, flag
+
+
+def test_the_paper_defaults_when_nothing_is_said():
+    pre = parse_job("pretrain", PretrainConfig, "star", [])
+    assert (pre.blr, pre.weight_decay, pre.betas) == (1.5e-4, 0.05, (0.9, 0.95))
+    assert (pre.warmup_epochs, pre.clip_grad) == (40, 3.0)
+    assert (pre.arch.dim, pre.arch.img_size) == (768, 192)
+    assert (pre.arch.images_per_sequence, pre.arch.separator) == (8, "cluster")
+    assert (pre.arch.separator_value, pre.arch.separator_position, pre.arch.norm_pix_loss) == ("identity", "SC", True)
+    fine = parse_job("finetune", FinetuneConfig, "mambamlp", [])
+    assert (fine.blr, fine.layer_decay, fine.epochs, fine.warmup_epochs, fine.min_lr) == (5e-4, 0.65, 100, 5, 1e-6)
+    assert (fine.mixup, fine.cutmix, fine.smoothing, fine.reprob, fine.ema_decay) == (0.8, 1.0, 0.1, 0.25, 0.99992)
+    assert (fine.arch.drop_path, fine.arch.cls_token, fine.arch.img_size, fine.arch.scans) == (0.1, "tail", 224, 4)
+
+
+def test_preset_then_config_file_then_model_then_flags(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"epochs": 7, "arch": {"images_per_sequence": 4}}))
+    args = ["--preset", "arm_base_in1k", "--config", str(config), "--model", "star_large", "--blr", "1e-3"]
+    cfg = parse_job("pretrain", PretrainConfig, "star", args)
+    assert cfg.epochs == 7 and cfg.blr == 1e-3
+    assert cfg.arch.images_per_sequence == 4 and cfg.arch.separator == "none"  # file over preset
+    assert (cfg.model, cfg.arch.dim, cfg.arch.depth) == ("star_large", 1024, 24)
+
+
+def test_a_saved_config_round_trips(tmp_path):
+    original = preset("pretrain", "fashion_mnist")
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(to_dict(original)))
+    assert parse_job("pretrain", PretrainConfig, "star", ["--config", str(path)]) == original
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["pretrain", "--preset", "nope"], "unknown pretrain preset 'nope'"),
+        (["pretrain", "--model", "mambamlp_base"], "is not one of star_tiny"),
+        (["pretrain", "--separator", "cluster", "--images_per_sequence", "3", "--batch_size", "8"], "not a multiple"),
+        (["pretrain", "--cluster_size", "5"], "does not divide the grid"),
+        (["finetune", "--layer_decay", "1.5"], "layer_decay=1.5"),
+        (["evaluate", "--checkpoint", "/nonexistent/ckpt"], "no checkpoint at /nonexistent/ckpt"),
+        (["pretrain", "--data_path", "/nonexistent/data", "--batch_size", "8"], "neither 'fashion_mnist'"),
+    ],
+)
+def test_bad_input_is_a_clear_error(capsys, args, message):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_command_suggests(capsys):
+    assert main(["pretrian"]) == 2
+    assert "did you mean pretrain" in capsys.readouterr().err
+
+
+def test_list_models(capsys):
+    assert main(["list-models"]) == 0
+    out = capsys.readouterr().out
+    assert "mambamlp_base" in out and "85.0M" in out and "star_huge" in out

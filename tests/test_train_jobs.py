@@ -1,0 +1,132 @@
+"""The jobs end to end on tiny models: pretrain -> finetune -> evaluate, exact resume, DDP on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from starmamba.models import model_config
+from starmamba.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+from starmamba.train.evaluate import run_evaluate
+from starmamba.train.finetune import run_finetune
+from starmamba.train.pretrain import run_pretrain
+
+TINY = dict(img_size=16, patch_size=4, dim=32, depth=2)
+
+
+def tiny_pretrain(out: Path, **overrides) -> PretrainConfig:
+    arch = model_config("star_tiny", **TINY, cluster_size=2, images_per_sequence=2, decoder_dim=32,
+                        decoder_head_dim=16)  # fmt: skip
+    options = dict(model="star_tiny", arch=arch, data_path="synthetic", output_dir=str(out), batch_size=8,
+                   epochs=2, warmup_epochs=0.5, blr=1e-3, limit_train=48, limit_val=16, num_workers=0,
+                   progress=False, tensorboard=False, log_every=2)  # fmt: skip
+    return PretrainConfig(**(options | overrides))
+
+
+def tiny_finetune(out: Path, **overrides) -> FinetuneConfig:
+    arch = model_config("mambamlp_tiny", **TINY, drop_path=0.1)
+    options = dict(model="mambamlp_tiny", arch=arch, data_path="synthetic", output_dir=str(out), batch_size=8,
+                   epochs=2, warmup_epochs=0.5, blr=1e-3, limit_train=48, limit_val=32, num_workers=0,
+                   progress=False, tensorboard=False, log_every=2, ema_decay=0.9, crop_pct=1.0)  # fmt: skip
+    return FinetuneConfig(**(options | overrides))
+
+
+def test_pretrain_finetune_evaluate_chain(tmp_path):
+    pre = run_pretrain(tiny_pretrain(tmp_path / "pre"))
+    assert pre["steps"] == 2 * (48 // 8)
+    for name in ("config.json", "metrics.jsonl", "curves.png", "reconstructions.png", "model.safetensors"):
+        assert (tmp_path / "pre" / name).exists(), name
+    records = [json.loads(line) for line in (tmp_path / "pre" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert any("val_loss" in r for r in records)
+    saved = json.loads((tmp_path / "pre" / "config.json").read_text())
+    assert saved["arch"]["images_per_sequence"] == 2 and saved["blr"] == 1e-3
+
+    fine = run_finetune(tiny_finetune(tmp_path / "fine", finetune=str(tmp_path / "pre" / "model.safetensors")))
+    assert {"acc1", "ema_acc1", "best_acc1"} <= set(fine)
+    assert (tmp_path / "fine" / "ema.safetensors").exists()
+    # The encoder really came from the pretraining run: an untouched pretrained weight...
+    pretrained = load_file(tmp_path / "pre" / "model.safetensors")
+    assert "encoder.blocks.0.mixer.directions.0.A_log" in pretrained
+
+    result = run_evaluate(EvaluateConfig(checkpoint=str(tmp_path / "fine"), data_path="synthetic", limit_val=32,
+                                         num_workers=0, crop_pct=1.0))  # fmt: skip
+    assert result["acc1"] == pytest.approx(fine["acc1"])  # same weights, same images, same transform
+    ema = run_evaluate(EvaluateConfig(checkpoint=str(tmp_path / "fine"), data_path="synthetic", limit_val=32,
+                                      num_workers=0, crop_pct=1.0, ema=True))  # fmt: skip
+    assert ema["acc1"] == pytest.approx(fine["ema_acc1"])
+
+
+def test_evaluating_a_pretraining_checkpoint_is_a_clear_error(tmp_path):
+    run_pretrain(tiny_pretrain(tmp_path / "pre", epochs=1))
+    with pytest.raises(ValueError, match="finetune it first"):
+        run_evaluate(EvaluateConfig(checkpoint=str(tmp_path / "pre"), data_path="synthetic", num_workers=0))
+
+
+def test_finetuning_from_another_model_is_a_clear_error(tmp_path):
+    run_pretrain(tiny_pretrain(tmp_path / "pre", epochs=1))
+    wider = model_config("mambamlp_tiny", **(TINY | {"dim": 64}))
+    with pytest.raises(ValueError, match="does not fit this classifier"):
+        run_finetune(tiny_finetune(tmp_path / "fine", arch=wider, finetune=str(tmp_path / "pre")))
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "starmamba.cli", *args]
+
+
+PRETRAIN_FLAGS = ["--data_path", "synthetic", "--img_size", "16", "--patch_size", "4", "--dim", "32", "--depth", "2",
+                  "--cluster_size", "2", "--images_per_sequence", "2", "--decoder_dim", "32", "--decoder_head_dim",
+                  "16", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "0.5", "--blr", "1e-3",
+                  "--limit_train", "48", "--limit_val", "16", "--num_workers", "0", "--no_progress",
+                  "--no_tensorboard", "--model", "star_tiny"]  # fmt: skip
+
+
+def test_resume_after_a_kill_reaches_the_same_weights(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(cli("pretrain", *PRETRAIN_FLAGS, "--output_dir", str(tmp_path / "whole")), check=True, env=env,
+                   capture_output=True)  # fmt: skip
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(cli("pretrain", *PRETRAIN_FLAGS, "--output_dir", str(killed), "--ckpt_every", "1"),
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    pointer = killed / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if pointer.exists() and int(pointer.read_text().strip().split("-")[-1]) >= 3:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "model.safetensors").exists()
+
+    subprocess.run(cli("pretrain", *PRETRAIN_FLAGS, "--output_dir", str(killed), "--resume", "auto"), check=True,
+                   env=env, capture_output=True)  # fmt: skip
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_two_gloo_processes_end_with_identical_weights(tmp_path):
+    worker = Path(__file__).parent / "ddp_worker.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+         str(tmp_path)], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    initial = load_file(tmp_path / "initial.safetensors")
+    assert any(not torch.equal(initial[k], rank0[k]) for k in initial)  # it did train
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["distinct_batches"]

@@ -1,0 +1,187 @@
+"""EMA of weights, the metrics log, and the run's pictures."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from starmamba.train.ema import ModelEma
+from starmamba.train.metrics import MetricsLog, read_metrics
+from starmamba.train.plots import plot_curves, save_image_grid
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+
+
+def set_weights(model: nn.Module, value: float) -> None:
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.fill_(value)
+
+
+def test_ema_update_is_exact_on_representable_values() -> None:
+    model = small_model()
+    set_weights(model, 2.0)  # num_batches_tracked becomes 2
+    ema = ModelEma(model, decay=0.75)
+    set_weights(model, 6.0)
+    ema.update(model)
+    state = ema.state_dict()
+    for name in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
+        assert torch.equal(state[name], torch.full_like(state[name], 0.75 * 2.0 + 0.25 * 6.0)), name
+    assert state["1.num_batches_tracked"].item() == 6  # counters are copied, not averaged
+
+
+def test_ema_update_with_decay_0_9() -> None:
+    model = small_model()
+    ema = ModelEma(model, decay=0.9)
+    old = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param))
+    ema.update(model)
+    for name, new in model.state_dict().items():
+        if new.is_floating_point():
+            expected = 0.9 * old[name] + 0.1 * new
+            torch.testing.assert_close(ema.state_dict()[name], expected, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(ema.state_dict()["0.weight"], old["0.weight"])
+
+
+def test_ema_is_a_frozen_eval_copy() -> None:
+    model = small_model().train()
+    ema = ModelEma(model, decay=0.9)
+    assert ema.module is not model and not ema.module.training
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    set_weights(ema.module, 1.0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_ema_unwraps_data_parallel_and_round_trips() -> None:
+    model = small_model()
+    ema = ModelEma(nn.DataParallel(model), decay=0.5)
+    assert isinstance(ema.module, nn.Sequential)
+    set_weights(model, 4.0)
+    ema.update(nn.DataParallel(model))
+    other = ModelEma(small_model(), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in other.state_dict().items())
+
+
+def test_ema_decay_out_of_range() -> None:
+    with pytest.raises(ValueError, match="decay"):
+        ModelEma(small_model(), decay=1.5)
+
+
+def test_metrics_log_writes_json_lines(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.log(10, loss=0.5, lr=1e-3, note="warmup")
+    log.log(20, loss=torch.tensor(0.25), acc1=np.float32(87.5), epoch=1.0)
+    log.close()
+    assert not (tmp_path / "tensorboard").exists()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    records = [json.loads(line) for line in lines]
+    assert all(isinstance(r.pop("time"), float) for r in records)
+    assert records == [
+        {"step": 10, "loss": 0.5, "lr": 1e-3, "note": "warmup"},
+        {"step": 20, "loss": 0.25, "acc1": 87.5, "epoch": 1.0},
+    ]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [10, 20]
+
+
+def test_metrics_log_appends_after_a_cut_line(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.log(3, loss=0.5)
+    log.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [(1, 1.0), (3, 0.5)]
+
+
+def test_disabled_metrics_log_writes_nothing(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "run", enabled=False)
+    log.log(1, loss=1.0)
+    log.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_metrics_log_writes_tensorboard_events(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    log = MetricsLog(tmp_path)
+    log.log(1, loss=1.0, note="text is not a scalar")
+    log.close()
+    assert [p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir()] == [True]
+
+
+def test_metrics_log_without_tensorboard_installed(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    log = MetricsLog(tmp_path)
+    log.log(1, loss=1.0)
+    log.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+TRAIN = [{"step": s, "time": 0.0, "epoch": s / 10, "loss": 1 / s, "lr": 1e-4 * s} for s in range(1, 21)]
+EVAL = [{"step": 10 * e, "epoch": float(e), "acc1": 50.0 + e, "ema_acc1": 49.0 + e} for e in (1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("records", "width"),
+    [
+        (TRAIN, 900),  # loss, lr
+        (TRAIN + EVAL, 1350),  # loss, lr, top-1
+        ([*TRAIN, {"step": 20, "epoch": 2.0, "val_loss": 0.3}], 1350),  # loss, lr, val loss
+        ([{"step": 20, "epoch": 2.0, "acc1": 60.0, "val_loss": 0.3}], 900),  # top-1, val loss
+    ],
+)
+def test_plot_curves_panel_per_metric(tmp_path: Path, records: list[dict], width: int) -> None:
+    path = tmp_path / "curves.png"
+    plot_curves(records, path, title="tiny")
+    with Image.open(path) as image:
+        assert (image.format, image.size) == ("PNG", (width, 350))
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_plot_curves_without_curves_writes_nothing(tmp_path: Path) -> None:
+    plot_curves([{"step": 1, "time": 0.0}], tmp_path / "curves.png")
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_image_grid_layout_and_pixels(tmp_path: Path) -> None:
+    images = torch.stack([torch.full((3, 8, 8), i / 5) for i in range(6)])
+    images[0, 0] = 2.0  # out of range: clamped to 1
+    path = tmp_path / "grid.png"
+    save_image_grid(images, path, nrow=3)
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+    with Image.open(path) as image:
+        assert (image.format, image.size) == ("PNG", (3 * 8 + 4 * 2, 2 * 8 + 3 * 2))
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels[0, 0].tolist() == [255, 255, 255]  # padding
+    assert pixels[2, 2].tolist() == [255, 0, 0]  # image 0: red clamped to 1, the rest 0
+    for i in range(1, 6):
+        top, left = 2 + (i // 3) * 10, 2 + (i % 3) * 10
+        block = pixels[top : top + 8, left : left + 8]
+        assert (block == round(i / 5 * 255)).all(), i
+        assert (pixels[top - 1, left : left + 8] == 255).all()  # padding above
+        assert (pixels[top : top + 8, left - 1] == 255).all()  # and to the left
+
+
+def test_image_grid_of_grey_images(tmp_path: Path) -> None:
+    save_image_grid(torch.full((2, 1, 4, 5), 0.5), tmp_path / "grey.png", nrow=4)
+    with Image.open(tmp_path / "grey.png") as image:
+        assert image.size == (2 * 5 + 3 * 2, 4 + 2 * 2)  # fewer images than nrow: one short row
+        assert image.convert("RGB").getpixel((2, 2)) == (128, 128, 128)
+
+
+def test_image_grid_refuses_other_shapes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"\(N, 3 or 1, H, W\)"):
+        save_image_grid(torch.zeros(3, 8, 8), tmp_path / "x.png", nrow=2)
