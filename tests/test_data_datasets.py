@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import warnings
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from starmamba.data import (
     SyntheticImages,
     build_dataset,
 )
-from starmamba.data.datasets import FASHION_MNIST_DEFAULT_DIR, read_idx
+from starmamba.data.datasets import read_idx
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:
@@ -129,13 +128,8 @@ def test_env_var_points_fashion_mnist_elsewhere(tmp_path, tiny_fashion, monkeypa
     assert len(build_dataset("fashion_mnist", "train", limit=4)) == 4
 
 
-def test_real_fashion_mnist():
-    root = Path(os.environ.get(FASHION_MNIST_DIR_ENV, FASHION_MNIST_DEFAULT_DIR))
-    if not root.is_dir():
-        if os.environ.get("STARMAMBA_REQUIRE_DATA"):
-            pytest.fail(f"STARMAMBA_REQUIRE_DATA is set but Fashion-MNIST is missing from {root}")
-        pytest.skip(f"Fashion-MNIST not installed at {root} (Debian package dataset-fashion-mnist)")
-    train, val = FashionMNIST(root, "train"), FashionMNIST(root, "val")
+def test_real_fashion_mnist(fashion_mnist_dir):
+    train, val = FashionMNIST(fashion_mnist_dir, "train"), FashionMNIST(fashion_mnist_dir, "val")
     assert (len(train), len(val)) == (60000, 10000)
     # The published set is balanced: 6000 images per class in train, 1000 in t10k.
     assert np.bincount(train.labels).tolist() == [6000] * 10

@@ -184,13 +184,39 @@ def skips_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or leaf in ("A_log", "D") or leaf.endswith(("_token", "_embed"))
 
 
-class MambaMLPClassifier(nn.Module):
+class AroundEncoder(nn.Module):
+    """A model built around a MambaMLP ``encoder``: what the optimizer asks of it.
+
+    Layer ids for layer-wise lr decay: 0 for the embeddings (the encoder's and the ``embeddings``
+    this model adds), i + 1 for block i, ``depth + 1`` for everything after the last block.
+    """
+
+    embeddings: tuple[str, ...] = ()
+
+    @property
+    def num_layers(self) -> int:
+        return self.encoder.cfg.depth + 2
+
+    def layer_id(self, name: str) -> int:
+        if name.startswith("encoder."):
+            return self.encoder.layer_id(name.removeprefix("encoder."))
+        if name.startswith(self.embeddings):
+            return 0
+        return self.encoder.cfg.depth + 1
+
+    def skips_weight_decay(self, name: str, param: nn.Parameter) -> bool:
+        return skips_weight_decay(name, param)
+
+
+class MambaMLPClassifier(AroundEncoder):
     """MambaMLP image classifier: (B, C, H, W) -> logits (B, num_classes).
 
     The class token goes after the last patch ("tail", STAR's choice), in the middle ("middle",
     Vim/ARM), or nowhere ("none"); the readout is that token, or with ``global_pool`` the mean of
     the patch tokens.
     """
+
+    embeddings = ("cls_token",)
 
     def __init__(self, cfg: ClassifierConfig) -> None:
         super().__init__()
@@ -225,18 +251,3 @@ class MambaMLPClassifier(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.forward_features(images))
-
-    @property
-    def num_layers(self) -> int:
-        """Layer ids for layer-wise lr decay: embeddings, each block, then norm and head."""
-        return self.cfg.depth + 2
-
-    def layer_id(self, name: str) -> int:
-        if name.startswith("encoder."):
-            return self.encoder.layer_id(name.removeprefix("encoder."))
-        if name == "cls_token":
-            return 0
-        return self.cfg.depth + 1
-
-    def skips_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        return skips_weight_decay(name, param)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from starmamba.config import check_positive
-from starmamba.models.backbone import BackboneConfig, MambaMLP, skips_weight_decay
+from starmamba.models.backbone import AroundEncoder, BackboneConfig, MambaMLP
 from starmamba.models.decoder import Decoder
 from starmamba.models.pos_embed import sincos_2d
 from starmamba.sequence import SeparatorPosition, SeparatorType, SeparatorValue, SequenceLayout
@@ -111,9 +111,11 @@ def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
     return (patches - mean) / (var + eps).sqrt()
 
 
-class StarPretrainer(nn.Module):
+class StarPretrainer(AroundEncoder):
     """Pretraining model. ``forward(images)`` with images (B*N, C, H, W) or (B, N, C, H, W), N images
     per sequence, returns a :class:`StarOutput` whose loss is the MSE over every predicted token."""
+
+    embeddings = ("separator_pos_embed", "separator_value_token")
 
     def __init__(self, cfg: StarConfig) -> None:
         super().__init__()
@@ -227,17 +229,3 @@ class StarPretrainer(nn.Module):
         canvas = torch.zeros_like(truth, dtype=pred.dtype)
         canvas[:, index] = pred
         return unpatchify(canvas.reshape(batch * n, -1, canvas.shape[-1]), self.cfg.patch_size, self.cfg.in_chans)
-
-    @property
-    def num_layers(self) -> int:
-        return self.cfg.depth + 2
-
-    def layer_id(self, name: str) -> int:
-        if name.startswith("encoder."):
-            return self.encoder.layer_id(name.removeprefix("encoder."))
-        if name.startswith(("separator_pos_embed", "separator_value_token")):
-            return 0
-        return self.cfg.depth + 1
-
-    def skips_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        return skips_weight_decay(name, param)

@@ -47,6 +47,7 @@ class RunConfig:
     clip_grad: float | None = None
     """clip the gradient norm to this value (None: no clipping)"""
     seed: int = 0
+    """seeds weights, sampling and augmentation: a run is repeatable for a fixed seed on one device"""
     num_workers: int = 4
     """data-loading processes per training process"""
     device: Device = "auto"
@@ -170,7 +171,8 @@ class EvaluateConfig:
     device: Device = "auto"
     ema: bool = False
     """evaluate the EMA weights of a starmamba checkpoint"""
-    crop_pct: float = 0.875
+    crop_pct: float | None = None
+    """centre-crop fraction; None: the finetuning run's own (its config.json), else 0.875"""
     limit_val: int | None = None
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +46,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "val_loss": loss / count}
 
 
+def run_crop_pct(checkpoint: Path, default: float = 0.875) -> float:
+    """The evaluation crop a finetuning run used, read from the config.json beside its weights."""
+    config = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.json"
+    if config.is_file():
+        return float(json.loads(config.read_text()).get("crop_pct", default))
+    return default
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
     """Load a classifier checkpoint (ours or ARM's) and print its top-1 / top-5 on the validation split."""
     processes = start(cfg.device)
@@ -54,7 +65,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
                 f"{cfg.checkpoint} classifies {model.cfg.num_classes} classes but {cfg.data_path} has "
                 f"{dataset.info.num_classes}"
             )
-        transform = EvalTransform(model.cfg.img_size, dataset.info.mean, dataset.info.std, crop_pct=cfg.crop_pct)
+        crop_pct = cfg.crop_pct if cfg.crop_pct is not None else run_crop_pct(Path(cfg.checkpoint))
+        transform = EvalTransform(model.cfg.img_size, dataset.info.mean, dataset.info.std, crop_pct=crop_pct)
         loader = eval_loader(Augmented(dataset, transform), cfg.batch_size, cfg.num_workers, processes)
         result = evaluate(model.to(processes.device), loader, processes.device)
         if processes.is_main:

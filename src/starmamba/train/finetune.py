@@ -8,19 +8,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from starmamba.data.mixup import soft_target_cross_entropy
-from starmamba.train.ema import ModelEma
-from starmamba.train.metrics import MetricsLog
 from torch import Tensor, nn
 
 from starmamba.data import Augmented, EvalTransform, FinetuneTransform, MixupCutmix, build_dataset
+from starmamba.data.mixup import soft_target_cross_entropy
 from starmamba.models import MambaMLPClassifier, build_model
 from starmamba.models.convert import classifier_state_from_pretrained
 from starmamba.train.config import FinetuneConfig
 from starmamba.train.distributed import start, stop
+from starmamba.train.ema import ModelEma
 from starmamba.train.evaluate import eval_loader, evaluate
 from starmamba.train.loading import load_pretrained_state
 from starmamba.train.loop import fit
+from starmamba.train.metrics import MetricsLog
 from starmamba.train.pretrain import write_config
 
 

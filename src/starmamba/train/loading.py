@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from starmamba.train.checkpoint import check_compatible, load_weights
 from torch import Tensor
 
 from starmamba.models.arm import arm_classifier_config, from_arm, read_arm_checkpoint
 from starmamba.models.backbone import ClassifierConfig, MambaMLPClassifier
+from starmamba.train.checkpoint import check_compatible, load_weights
 
 
 def is_arm_file(path: str | Path) -> bool:

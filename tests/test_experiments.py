@@ -1,0 +1,85 @@
+"""Experiments shared by demo and ablate: cached runs, row grouping, mean +- std, the table layouts."""
+
+import dataclasses
+import json
+import statistics
+
+import pytest
+
+from starmamba import ablate
+from starmamba.experiments import Scale, cached_run, config_key, finetune_config, pretrain_config
+
+
+def test_budget_scales_whole_batches_with_a_floor():
+    assert Scale(budget=1.0).images(10_240) == 10_240
+    assert Scale(budget=0.5).images(10_240) == 5_120
+    assert Scale(budget=0.0001).images(10_240) == 2 * 64  # never less than two batches
+
+
+def test_config_key_ignores_where_and_how_a_run_shows_itself(tmp_path):
+    base = pretrain_config(Scale(), tmp_path / "a", seed=0)
+    moved = dataclasses.replace(base, output_dir=str(tmp_path / "b"), progress=False, num_workers=3)
+    assert config_key(base) == config_key(moved)
+    assert config_key(base) != config_key(dataclasses.replace(base, seed=1))
+    assert config_key(base) != config_key(pretrain_config(Scale(), tmp_path, 0, images_per_sequence=4))
+
+
+def test_a_finished_run_is_not_run_again(tmp_path):
+    calls = []
+
+    def run(config):
+        calls.append(config.output_dir)
+        return {"acc1": 50.0 + len(calls), "output_dir": config.output_dir}
+
+    config = finetune_config(Scale(), tmp_path, seed=0)
+    first = cached_run(tmp_path, config, run)
+    again = cached_run(tmp_path, dataclasses.replace(config, progress=False), run)
+    other_seed = cached_run(tmp_path, dataclasses.replace(config, seed=1), run)
+    assert first == again == {"acc1": 51.0, "output_dir": calls[0]}
+    assert other_seed["acc1"] == 52.0 and len(calls) == 2
+    assert calls[0].endswith(f"finetune-{config_key(config)}")
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """Replace training with a deterministic function of (seed, options); record every call."""
+    calls = {"pretrain": [], "finetune": []}
+
+    def pretrain(scale, root, seed, star):
+        calls["pretrain"].append((seed, json.dumps(star, sort_keys=True)))
+        return {"seconds": 10.0 + seed, "output_dir": f"pre-{seed}-{len(calls['pretrain'])}"}
+
+    def finetune(scale, root, seed, pre, options):
+        calls["finetune"].append((seed, pre["output_dir"], options))
+        bonus = 1.0 if options.get("cls_token") == "tail" else 0.0
+        return {"acc1": 80.0 + seed + bonus, "ema_acc1": 81.0 + 2 * seed, "output_dir": f"fine-{len(calls)}"}
+
+    monkeypatch.setattr(ablate, "pretrain", pretrain)
+    monkeypatch.setattr(ablate, "finetune", finetune)
+    return calls
+
+
+def test_rows_sharing_a_pretraining_pretrain_once_per_seed(tmp_path, fake_runs):
+    report = ablate.run_ablation(ablate.AblateConfig(table=5, seeds=3, out=str(tmp_path), progress=False))
+    assert len(fake_runs["pretrain"]) == 3 and len(fake_runs["finetune"]) == 6
+    middle, tail = report["rows"]
+    assert middle["acc1"]["values"] == [80.0, 81.0, 82.0] and tail["acc1"]["values"] == [81.0, 82.0, 83.0]
+    assert middle["acc1"]["mean"] == 81.0 and middle["acc1"]["std"] == pytest.approx(1.0)
+    assert middle["ema_acc1"]["std"] == pytest.approx(statistics.stdev([81.0, 83.0, 85.0]))
+    markdown = (tmp_path / "table5.md").read_text()
+    assert "| STAR* (tail class token) | 81.89 | 82.61 | 82.00 ± 1.00 | 83.00 ± 2.00 |" in markdown
+    assert json.loads((tmp_path / "table5.json").read_text())["rows"][1]["label"] == "STAR* (tail class token)"
+
+
+def test_table_3_reports_pretraining_time(tmp_path, fake_runs):
+    ablate.run_ablation(ablate.AblateConfig(table=3, seeds=2, out=str(tmp_path), progress=False))
+    lines = (tmp_path / "table3.md").read_text().splitlines()
+    assert lines[2].endswith("paper time (h) | ours pretrain (s) |")
+    assert lines[5].startswith("| CS | 77.93 | 77.94 |") and lines[5].endswith("| 24.6 | 10 |")  # mean of 10, 11
+
+
+def test_every_table_row_is_a_valid_configuration(tmp_path):
+    for _, rows in ablate.TABLES.values():
+        for row in rows:
+            pretrain_config(Scale(), tmp_path, 0, **row.star)  # validates the layout
+            finetune_config(Scale(), tmp_path, 0, **row.classifier)
