@@ -14,13 +14,16 @@ pytestmark = pytest.mark.slow
 
 def test_cli_pretrain_finetune_evaluate_on_fashion_mnist(tmp_path, fashion_mnist_dir, capsys, monkeypatch):
     monkeypatch.setenv(FASHION_MNIST_DIR_ENV, str(fashion_mnist_dir))
-    quiet = ["--preset", "fashion_mnist", "--epochs", "1", "--limit_val", "500", "--no_progress", "--no_tensorboard"]
+    # The preset at the demo's 24 px geometry (6 x 6 patches, 3 x 3 clusters) keeps this test short.
+    quiet = ["--preset", "fashion_mnist", "--img_size", "24", "--limit_val", "500", "--no_progress", "--no_tensorboard"]
     pre, fine = tmp_path / "pre", tmp_path / "fine"
-    assert main(["pretrain", *quiet, "--limit_train", "512", "--output_dir", str(pre)]) == 0
+    pretrain = ["pretrain", *quiet, "--cluster_size", "2", "--epochs", "1", "--limit_train", "512"]
+    assert main([*pretrain, "--output_dir", str(pre)]) == 0
     assert "effective batch 64" in capsys.readouterr().out
-    weights = pre / "model.safetensors"
-    finetune = ["finetune", *quiet, "--limit_train", "2048", "--finetune", str(weights), "--output_dir", str(fine)]
-    assert main(finetune) == 0
+    # A short run learns only without the ImageNet recipe's heavy regularisation.
+    light = ["--blr", "8e-3", "--mixup", "0", "--cutmix", "0", "--aa", "", "--reprob", "0", "--min_crop_scale", "0.35"]
+    finetune = ["finetune", *quiet, *light, "--epochs", "2", "--limit_train", "3072"]
+    assert main([*finetune, "--finetune", str(pre / "model.safetensors"), "--output_dir", str(fine)]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(fine), "--limit_val", "500"]) == 0
     printed = capsys.readouterr().out
@@ -28,7 +31,7 @@ def test_cli_pretrain_finetune_evaluate_on_fashion_mnist(tmp_path, fashion_mnist
     records = [json.loads(line) for line in (fine / "metrics.jsonl").read_text().splitlines()]
     logged = [r["acc1"] for r in records if "acc1" in r][-1]
     assert top1 == pytest.approx(logged, abs=0.01)  # evaluate sees what the finetuning run saw
-    assert top1 > 40.0  # ten classes: chance is 10%
+    assert top1 > 30.0  # ten classes: chance is 10% (+- 1.3% on 500 images)
 
 
 def test_demo_at_its_smallest_budget_is_deterministic(tmp_path, fashion_mnist_dir, monkeypatch):

@@ -16,6 +16,7 @@ from starmamba.models import model_config
 from starmamba.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 from starmamba.train.evaluate import run_evaluate
 from starmamba.train.finetune import run_finetune
+from starmamba.train.metrics import read_metrics
 from starmamba.train.pretrain import run_pretrain
 
 TINY = dict(img_size=16, patch_size=4, dim=32, depth=2)
@@ -115,6 +116,13 @@ def test_resume_after_a_kill_reaches_the_same_weights(tmp_path):
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+    # The log reads as one run: the steps logged after the last checkpoint are not there twice, and
+    # the end-of-epoch validation (of identical weights) logs the same loss. (A training-loss window
+    # cut by the kill averages only the steps after the resume.)
+    logs = [read_metrics(run / "metrics.jsonl") for run in (tmp_path / "whole", killed)]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]]
+    assert [r.get("val_loss") for r in logs[0]] == [r.get("val_loss") for r in logs[1]]
+    assert any("val_loss" in r for r in logs[0])
 
 
 def test_two_gloo_processes_end_with_identical_weights(tmp_path):

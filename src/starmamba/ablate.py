@@ -82,14 +82,14 @@ class AblateConfig:
     table: Annotated[Literal[1, 2, 3, 4, 5], tyro.conf.Positional]
     """1 type, 2 value, 3 position, 4 images per sequence, 5 class-token position"""
     seeds: int = 3
-    budget: float = 1.0
-    """scales every run's training images (1.0: about 5 minutes per row and seed on 2 CPU cores)"""
+    budget: float = 0.5
+    """scales every run's training images (0.5: about 2.5 minutes per row and seed on 2 CPU cores)"""
     data_path: str = "fashion_mnist"
     """'fashion_mnist' or any ImageFolder root"""
     jobs: int = 1
     """runs at once (processes; one GPU each when there are GPUs)"""
     out: str = "reports/ablations"
-    val_images: int = 2000
+    val_images: int = 1000
     progress: bool = True
 
 

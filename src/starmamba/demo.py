@@ -32,7 +32,7 @@ class DemoConfig:
     """scales the training images of every run; 1.0 takes about 12 minutes on 2 CPU cores"""
     data_path: str = "fashion_mnist"
     seed: int = 0
-    val_images: int = 2000
+    val_images: int = 1000
     """validation images used for top-1"""
     num_workers: int = 1
     progress: bool = True

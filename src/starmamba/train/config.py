@@ -141,6 +141,8 @@ class FinetuneConfig(RunConfig):
     """RandAugment policy in timm's notation ('' disables)"""
     reprob: float = 0.25
     """random erasing probability"""
+    min_crop_scale: float = 0.08
+    """lower bound of the random-resized-crop area (timm's default)"""
     crop_pct: float = 0.875
     """evaluation resizes to img_size / crop_pct, then centre-crops img_size"""
     eval_every: int = 1
@@ -148,7 +150,15 @@ class FinetuneConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("layer_decay", "mixup_prob", "mixup_switch_prob", "smoothing", "reprob", "crop_pct"):
+        for name in (
+            "layer_decay",
+            "mixup_prob",
+            "mixup_switch_prob",
+            "smoothing",
+            "reprob",
+            "min_crop_scale",
+            "crop_pct",
+        ):
             check_fraction(name, getattr(self, name))
         for name in ("mixup", "cutmix"):
             check_positive(name, getattr(self, name), allow_zero=True)

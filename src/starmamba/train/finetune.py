@@ -50,7 +50,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             source = f"encoder from {cfg.finetune}" if cfg.finetune else "from scratch"
             print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {source}")
         train_transform = FinetuneTransform(
-            cfg.arch.img_size, info.mean, info.std, rand_augment=cfg.aa, reprob=cfg.reprob
+            cfg.arch.img_size,
+            info.mean,
+            info.std,
+            scale=(cfg.min_crop_scale, 1.0),
+            rand_augment=cfg.aa,
+            reprob=cfg.reprob,
         )
         val_transform = EvalTransform(cfg.arch.img_size, info.mean, info.std, crop_pct=cfg.crop_pct)
         val_loader = eval_loader(Augmented(val_data, val_transform), cfg.batch_size, cfg.num_workers, processes)

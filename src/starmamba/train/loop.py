@@ -112,6 +112,7 @@ def fit(
             + (f", {sampler.unused_per_epoch} left out per epoch (partial batch)" if sampler.unused_per_epoch else "")
         )
     position = _resume(run, model, ema, optimizer, device) if run.resume else Position()
+    metrics.rewind(position.global_step)
     trained = DistributedDataParallel(model) if processes.world_size > 1 else model
     loader = DataLoader(
         train_set, batch_size=run.batch_size, sampler=sampler, num_workers=run.num_workers,

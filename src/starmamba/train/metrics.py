@@ -55,6 +55,17 @@ class MetricsLog:
                     self._writer.add_scalar(key, scalar, step)
             self._writer.flush()
 
+    def rewind(self, step: int) -> None:
+        """Forget the records after ``step``: a resumed run logs those steps again."""
+        if self._file is None:
+            return
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+        self._file.close()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, default=_plain) + "\n" for r in kept), encoding="utf-8")
+        tmp.replace(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open until close())
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
