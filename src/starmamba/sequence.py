@@ -17,6 +17,7 @@ patches row-major) followed by the ``T`` tokens of one separator unit.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -186,17 +187,17 @@ class SequenceLayout:
     @cached_property
     def encoder_index(self) -> Tensor:
         """(num_tokens,) bank index of every encoder token."""
-        return torch.tensor([i for u in self.encoder_units for i in self._unit_bank_index(u)], dtype=torch.long)
+        return _per_token(self.encoder_units, self._unit_bank_index)
 
     @cached_property
     def token_patch(self) -> Tensor:
         """(num_tokens,) patch index (row-major in its image) of every encoder token; -1 for separators."""
-        return torch.tensor([i for u in self.encoder_units for i in self._unit_patch_index(u)], dtype=torch.long)
+        return _per_token(self.encoder_units, self._unit_patch_index)
 
     @cached_property
     def token_image(self) -> Tensor:
         """(num_tokens,) image of every encoder token."""
-        return torch.tensor([u.image for u in self.encoder_units for _ in range(u.num_tokens)], dtype=torch.long)
+        return _per_token(self.encoder_units, lambda u: [u.image] * u.num_tokens)
 
     @cached_property
     def _targets(self) -> list[Unit]:
@@ -205,17 +206,17 @@ class SequenceLayout:
     @cached_property
     def target_index(self) -> Tensor:
         """(num_queries,) bank index of the target of every decoder query."""
-        return torch.tensor([i for u in self._targets for i in self._unit_bank_index(u)], dtype=torch.long)
+        return _per_token(self._targets, self._unit_bank_index)
 
     @cached_property
     def query_patch(self) -> Tensor:
         """(num_queries,) patch index of every query's target token; -1 for separator targets."""
-        return torch.tensor([i for u in self._targets for i in self._unit_patch_index(u)], dtype=torch.long)
+        return _per_token(self._targets, self._unit_patch_index)
 
     @cached_property
     def query_image(self) -> Tensor:
         """(num_queries,) image of every query's target (images_per_sequence for the trailing separator)."""
-        return torch.tensor([u.image for u in self._targets for _ in range(u.num_tokens)], dtype=torch.long)
+        return _per_token(self._targets, lambda u: [u.image] * u.num_tokens)
 
     @cached_property
     def decoder_mask(self) -> Tensor:
@@ -249,3 +250,8 @@ class SequenceLayout:
     def describe(self, image: int = 0) -> str:
         """One image block as text, e.g. ``S C0 C1 ... C8`` (for logs and docs)."""
         return " ".join("S" if u.kind == "separator" else f"C{u.cluster}" for u in self._image_block(image))
+
+
+def _per_token(units: list[Unit], values: Callable[[Unit], list[int]]) -> Tensor:
+    """(sum of the units' tokens,) long: ``values(unit)`` for every unit, one entry per token, concatenated."""
+    return torch.tensor([v for unit in units for v in values(unit)], dtype=torch.long)
