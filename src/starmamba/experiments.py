@@ -4,7 +4,7 @@ The geometry is the paper's scaled down: 24 px Fashion-MNIST (or any data set), 
 patches, clusters of 2 x 2 patches -> the paper's 3 x 3 clusters per image, separators of 4 tokens,
 40 tokens per image, 8 images per sequence. The models are a 6-block, 96-wide MambaMLP with a
 4-layer, 128-wide decoder. ``budget`` scales the number of training images; at budget 1 a pretrain
-plus a finetune take about 4.5 minutes on 2 CPU cores.
+plus a finetune take about 3.5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from starmamba.train.config import FinetuneConfig, PretrainConfig, to_dict
 
 SMALL_ARCH = dict(img_size=24, patch_size=4, dim=96, depth=6)
 SMALL_DECODER = dict(decoder_dim=128, decoder_head_dim=32)
-PRETRAIN_IMAGES = 8_192  # per epoch at budget 1
-FINETUNE_IMAGES = 5_120
+PRETRAIN_IMAGES = 6_144  # per epoch at budget 1
+FINETUNE_IMAGES = 4_096
 EPOCHS = 2
 BATCH = 64
 
@@ -58,12 +58,13 @@ def finetune_config(scale: Scale, out: Path, seed: int, pretrained: str = "", **
     The recipe keeps the paper's structure (AdamW, warmup + cosine, layer decay, drop path, EMA,
     label smoothing, random erasing) but leaves out RandAugment and Mixup/CutMix and crops no less
     than 35% of an image: on a run of a few thousand images the ImageNet-strength regularisation
-    only slows learning down. The learning rate is 4x the ImageNet one for the same reason.
+    only slows learning down. The learning rate is 4x the ImageNet one for the same reason, and the EMA
+    decay is 0.98 so that its horizon (about 50 steps) is a fraction of a run of about 130 steps.
     """
     arch = model_config("mambamlp_tiny", **SMALL_ARCH, drop_path=0.1, **classifier_options)
     return FinetuneConfig(
         model="mambamlp_tiny", arch=arch, finetune=pretrained, data_path=scale.data_path, output_dir=str(out),
-        batch_size=BATCH, epochs=EPOCHS, warmup_epochs=0.25, blr=8e-3, layer_decay=0.75, ema_decay=0.995,
+        batch_size=BATCH, epochs=EPOCHS, warmup_epochs=0.25, blr=8e-3, layer_decay=0.75, ema_decay=0.98,
         mixup=0.0, cutmix=0.0, aa="", min_crop_scale=0.35, seed=seed, limit_train=scale.images(FINETUNE_IMAGES),
         limit_val=scale.val_images, num_workers=scale.num_workers, progress=scale.progress,
         tensorboard=False, log_every=10, crop_pct=1.0,
