@@ -24,6 +24,11 @@ def test_config_key_ignores_where_and_how_a_run_shows_itself(tmp_path):
     assert config_key(base) != config_key(pretrain_config(Scale(), tmp_path, 0, images_per_sequence=4))
 
 
+def test_layer_decay_only_applies_to_pretrained_weights(tmp_path):
+    assert finetune_config(Scale(), tmp_path, 0).layer_decay == 1.0
+    assert finetune_config(Scale(), tmp_path, 0, pretrained="w.safetensors").layer_decay == 0.75
+
+
 def test_a_finished_run_is_not_run_again(tmp_path):
     calls = []
 
