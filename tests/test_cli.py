@@ -50,6 +50,10 @@ def test_the_paper_defaults_when_nothing_is_said():
     assert (fine.arch.drop_path, fine.arch.cls_token, fine.arch.img_size, fine.arch.scans) == (0.1, "tail", 224, 4)
 
 
+def test_data_is_short_for_data_path():
+    assert parse_job("finetune", FinetuneConfig, "mambamlp", ["--data", "/imagenet"]).data_path == "/imagenet"
+
+
 def test_preset_then_config_file_then_model_then_flags(tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"epochs": 7, "arch": {"images_per_sequence": 4}}))

@@ -21,6 +21,7 @@ from typing import Annotated, Literal
 import tyro
 
 from starmamba.experiments import Scale, finetune, pretrain, write_json
+from starmamba.train.config import DataPath
 
 ARM = {"images_per_sequence": 1, "separator": "none"}
 
@@ -84,7 +85,7 @@ class AblateConfig:
     seeds: int = 3
     budget: float = 0.5
     """scales every run's training images (0.5: about 2.5 minutes per row and seed on 2 CPU cores)"""
-    data_path: str = "fashion_mnist"
+    data_path: DataPath = "fashion_mnist"
     """'fashion_mnist' or any ImageFolder root"""
     jobs: int = 1
     """runs at once (processes; one GPU each when there are GPUs)"""

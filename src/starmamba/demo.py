@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starmamba.experiments import Scale, finetune, pretrain, write_json
+from starmamba.train.config import DataPath
 
 METHODS = {
     "STAR": {},  # the paper's defaults: identity separator clusters before each image, 8 images
@@ -30,7 +31,7 @@ class DemoConfig:
     """report folder (its runs/ subfolder keeps every run)"""
     budget: float = 1.0
     """scales the training images of every run; 1.0 takes about 10 minutes on 2 CPU cores"""
-    data_path: str = "fashion_mnist"
+    data_path: DataPath = "fashion_mnist"
     seed: int = 0
     val_images: int = 1000
     """validation images used for top-1"""

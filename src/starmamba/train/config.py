@@ -20,13 +20,15 @@ from starmamba.config import check_choice, check_fraction, check_positive
 from starmamba.models import ClassifierConfig, StarConfig, model_config
 
 Device = Literal["auto", "cpu", "cuda"]
+DataPath = Annotated[str, tyro.conf.arg(aliases=("--data",))]
+"""A data location; ``--data`` is accepted as a short form of ``--data_path``."""
 
 
 @dataclass
 class RunConfig:
     """Options every training job shares."""
 
-    data_path: str = "fashion_mnist"
+    data_path: DataPath = "fashion_mnist"
     """'fashion_mnist', 'synthetic', an ImageFolder root (train/<class>/*, val/<class>/*) or an IDX folder"""
     output_dir: str = "runs/run"
     """where the config, metrics, checkpoints and plots go"""
@@ -175,7 +177,7 @@ class EvaluateConfig:
 
     checkpoint: str
     """a starmamba checkpoint directory or .safetensors file, or ARM's finetuned .pth"""
-    data_path: str = "fashion_mnist"
+    data_path: DataPath = "fashion_mnist"
     batch_size: int = 128
     num_workers: int = 4
     device: Device = "auto"
