@@ -84,7 +84,7 @@ class AblateConfig:
     """1 type, 2 value, 3 position, 4 images per sequence, 5 class-token position"""
     seeds: int = 3
     budget: float = 0.5
-    """scales every run's training images (0.5: about 2.5 minutes per row and seed on 2 CPU cores)"""
+    """scales every run's training images (0.5: about 2 minutes per row and seed on 2 CPU cores)"""
     data_path: DataPath = "fashion_mnist"
     """'fashion_mnist' or any ImageFolder root"""
     jobs: int = 1

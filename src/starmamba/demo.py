@@ -30,7 +30,7 @@ class DemoConfig:
     out: str = "reports/demo"
     """report folder (its runs/ subfolder keeps every run)"""
     budget: float = 1.0
-    """scales the training images of every run; 1.0 takes about 10 minutes on 2 CPU cores"""
+    """scales the training images of every run; 1.0 takes about 11 minutes on 2 CPU cores"""
     data_path: DataPath = "fashion_mnist"
     seed: int = 0
     val_images: int = 1000
