@@ -25,7 +25,7 @@ def test_cli_pretrain_finetune_evaluate_on_fashion_mnist(tmp_path, fashion_mnist
     finetune = ["finetune", *quiet, *light, "--epochs", "2", "--limit_train", "3072"]
     assert main([*finetune, "--finetune", str(pre / "model.safetensors"), "--output_dir", str(fine)]) == 0
     capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(fine), "--limit_val", "500"]) == 0
+    assert main(["evaluate", "--checkpoint", str(fine), "--limit_val", "500", "--num_workers", "1"]) == 0
     printed = capsys.readouterr().out
     top1 = float(re.search(r"top-1 ([0-9.]+)%", printed).group(1))
     records = [json.loads(line) for line in (fine / "metrics.jsonl").read_text().splitlines()]
