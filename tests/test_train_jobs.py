@@ -139,3 +139,16 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path):
     assert any(not torch.equal(initial[k], rank0[k]) for k in initial)  # it did train
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["distinct_batches"]
+
+
+@pytest.mark.parametrize("world_size, code, printed", [("1", 0, "kept|returned 3"), ("2", 3, "kept")])
+def test_end_process_ends_only_torchrun_processes_and_keeps_their_output(world_size, code, printed):
+    script = (
+        "import sys\nfrom starmamba.train.distributed import end_process\n"
+        "print('kept', end='')\nprint('|returned', end_process(3), end='')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+        env=os.environ | {"WORLD_SIZE": world_size},
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (code, printed), done.stderr

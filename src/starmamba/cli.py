@@ -19,6 +19,7 @@ from starmamba.train.config import (
     load_config_file,
     preset,
 )
+from starmamba.train.distributed import end_process
 
 USAGE = """usage: starmamba COMMAND [OPTIONS]
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as done:  # tyro exits after --help and after a config it refused (already printed)
         return done.code if isinstance(done.code, int) else 2
-    return 0
+    return end_process(0)
 
 
 if __name__ == "__main__":

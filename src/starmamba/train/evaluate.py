@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from starmamba.data import Augmented, EvalTransform, build_dataset
 from starmamba.train.config import EvaluateConfig
-from starmamba.train.distributed import Processes, ShardSampler, all_reduce_sum, start, stop
+from starmamba.train.distributed import Processes, ShardSampler, all_reduce_sum, joined
 from starmamba.train.loading import load_classifier
 
 
@@ -56,8 +56,7 @@ def run_crop_pct(checkpoint: Path, default: float = 0.875) -> float:
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
     """Load a classifier checkpoint (ours or ARM's) and print its top-1 / top-5 on the validation split."""
-    processes = start(cfg.device)
-    try:
+    with joined(cfg.device) as processes:
         model, description = load_classifier(cfg.checkpoint, ema=cfg.ema)
         dataset = build_dataset(cfg.data_path, "val", limit=cfg.limit_val)
         if dataset.info.num_classes != model.cfg.num_classes:
@@ -75,5 +74,3 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
                 f"top-5 {result['acc5']:.2f}%  loss {result['val_loss']:.4f}"
             )
         return result
-    finally:
-        stop()

@@ -15,7 +15,7 @@ from starmamba.data.mixup import soft_target_cross_entropy
 from starmamba.models import MambaMLPClassifier, build_model
 from starmamba.models.convert import classifier_state_from_pretrained
 from starmamba.train.config import FinetuneConfig
-from starmamba.train.distributed import start, stop
+from starmamba.train.distributed import joined
 from starmamba.train.ema import ModelEma
 from starmamba.train.evaluate import eval_loader, evaluate
 from starmamba.train.loading import load_pretrained_state
@@ -35,8 +35,7 @@ def build_classifier(cfg: FinetuneConfig, num_classes: int) -> MambaMLPClassifie
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Finetune and evaluate every ``eval_every`` epochs; returns the last and best top-1 (and EMA)."""
-    processes = start(cfg.device)
-    try:
+    with joined(cfg.device) as processes:
         run_dir = Path(cfg.output_dir)
         train_data = build_dataset(cfg.data_path, "train", limit=cfg.limit_train)
         val_data = build_dataset(cfg.data_path, "val", limit=cfg.limit_val)
@@ -101,5 +100,3 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         finally:
             metrics.close()
         return summary | {"seconds": time.perf_counter() - started, "output_dir": str(run_dir)}
-    finally:
-        stop()

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from starmamba.data import Augmented, EvalTransform, PretrainTransform, build_dataset
 from starmamba.models import StarPretrainer, build_model
 from starmamba.train.config import PretrainConfig, to_dict
-from starmamba.train.distributed import Processes, start, stop
+from starmamba.train.distributed import Processes, joined
 from starmamba.train.ema import ModelEma
 from starmamba.train.loop import autocast, fit
 from starmamba.train.metrics import MetricsLog
@@ -49,8 +49,7 @@ def denormalize(images: Tensor, mean: tuple, std: tuple) -> Tensor:
 
 def run_pretrain(cfg: PretrainConfig) -> dict:
     """Pretrain; writes config, metrics, checkpoints, curves and reconstructions to ``cfg.output_dir``."""
-    processes = start(cfg.device)
-    try:
+    with joined(cfg.device) as processes:
         run_dir = Path(cfg.output_dir)
         dataset = build_dataset(cfg.data_path, "train", limit=cfg.limit_train)
         if processes.is_main:
@@ -92,5 +91,3 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         finally:
             metrics.close()
         return {"steps": position.global_step, "seconds": time.perf_counter() - started, "output_dir": str(run_dir)}
-    finally:
-        stop()
