@@ -83,6 +83,13 @@ def test_table_3_reports_pretraining_time(tmp_path, fake_runs):
     assert lines[5].startswith("| CS | 77.93 | 77.94 |") and lines[5].endswith("| 24.6 | 10 |")  # mean of 10, 11
 
 
+def test_ablations_finetune_with_the_middle_class_token_except_star_star():
+    positions = {(table, row.label): row.classifier["cls_token"] for table, (_, rows) in ablate.TABLES.items()
+                 for row in rows}  # fmt: skip
+    assert {key for key, where in positions.items() if where != "middle"} == {(5, "STAR* (tail class token)")}
+    assert len(positions) == 20
+
+
 def test_every_table_row_is_a_valid_configuration(tmp_path):
     for _, rows in ablate.TABLES.values():
         for row in rows:
