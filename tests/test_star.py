@@ -137,6 +137,28 @@ def test_separator_tokens_follow_the_value():
     torch.testing.assert_close(ones.separator_tokens() - ones.separator_pos_embed, torch.ones(4, 32))
 
 
+def test_constant_separator_values_are_one_function_under_layer_norm():
+    """Zeros, Ones and Identity separator tokens differ only by a per-token constant across
+    channels, which every LayerNorm subtracts, and their pixel targets are constant patches that
+    normalise to zero: the three give the same loss and gradients. A learned embedding does not.
+    (This is why Table 2's Zeros/Ones/Identity rows agree in our ablation runs.)"""
+    images = torch.randn(4, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def loss_and_grad(value):
+        torch.manual_seed(0)
+        model = tiny_star(separator_value=value).double()
+        loss = model(images).loss
+        loss.backward()
+        return loss.item(), model.encoder.patch_embed.proj.weight.grad
+
+    zeros_loss, zeros_grad = loss_and_grad("zeros")
+    for value in ("ones", "identity"):
+        loss, grad = loss_and_grad(value)
+        assert loss == pytest.approx(zeros_loss, rel=1e-12)
+        torch.testing.assert_close(grad, zeros_grad, rtol=1e-10, atol=1e-12)
+    assert loss_and_grad("embedding")[0] != pytest.approx(zeros_loss, rel=1e-6)
+
+
 def test_five_dimensional_input_equals_flat_input():
     torch.manual_seed(0)
     model = tiny_star().eval()

@@ -174,6 +174,8 @@ class StarPretrainer(AroundEncoder):
         if self.cfg.separator_value == "embedding":
             value = self.separator_value_token.expand(len(self.separator_pattern), -1)
         else:
+            # Constant across channels, so every LayerNorm removes it: zeros, ones and identity
+            # act alike; only the shared position embedding marks the separator.
             value = self.separator_pattern[:, None].expand(-1, self.cfg.dim)
         return value + self.separator_pos_embed
 
