@@ -1,5 +1,6 @@
 """Every selective-scan backend against a float64 recurrence written here, forward and backward."""
 
+import hashlib
 import itertools
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from starmamba.ops import BACKEND_ENV, resolve_backend, selective_scan
 
-BACKENDS = ["reference", "chunked"] + (["mamba_ssm"] if torch.cuda.is_available() else [])
+BACKENDS = ["reference", "chunked", "numba"] + (["mamba_ssm"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -77,6 +78,31 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
+_float64_results: dict[bytes, tuple] = {}
+
+
+def float64_result(tensors, softplus, grads):
+    """y, last state and input gradients of the float64 recurrence; computed once per distinct input."""
+    key = hashlib.sha1(repr((sorted(tensors), softplus)).encode())
+    for t in (*tensors.values(), *grads):
+        key.update(t.detach().cpu().numpy().tobytes())
+    if key.digest() not in _float64_results:
+        tensors64 = {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
+        optional64 = {k: tensors64.get(k) for k in ("D", "z", "delta_bias")}
+        y64, last64 = recurrence_float64(
+            tensors64["u"],
+            tensors64["delta"],
+            tensors64["A"],
+            tensors64["B"],
+            tensors64["C"],
+            **optional64,
+            delta_softplus=softplus,
+        )
+        torch.autograd.backward([y64, last64][: len(grads)], [gr.double() for gr in grads])
+        _float64_results[key.digest()] = (y64.detach(), last64.detach(), {k: v.grad for k, v in tensors64.items()})
+    return _float64_results[key.digest()]
+
+
 def check_against_float64(backend, inputs, use, softplus, tol=1e-4):
     tensors = {k: v.clone().requires_grad_() for k, v in inputs.items() if k in ("u", "delta", "A", "B", "C") or use[k]}
     optional = {k: tensors.get(k) for k in ("D", "z", "delta_bias")}
@@ -91,32 +117,20 @@ def check_against_float64(backend, inputs, use, softplus, tol=1e-4):
         return_last_state=True,
         backend=backend,
     )
-    tensors64 = {k: v.detach().double().requires_grad_() for k, v in tensors.items()}
-    optional64 = {k: tensors64.get(k) for k in ("D", "z", "delta_bias")}
-    y64, last64 = recurrence_float64(
-        tensors64["u"],
-        tensors64["delta"],
-        tensors64["A"],
-        tensors64["B"],
-        tensors64["C"],
-        **optional64,
-        delta_softplus=softplus,
-    )
-    assert y.dtype == inputs["u"].dtype and y.shape == inputs["u"].shape
-    assert rel_err(y, y64) < tol
-    assert rel_err(last, last64) < tol
-
     g = torch.Generator().manual_seed(1)
     grad_y = torch.randn(y.shape, generator=g).to(y.device)
     # mamba_ssm ignores the gradient of the last state; the PyTorch backends honour it.
     grad_last = None if backend == "mamba_ssm" else torch.randn(last.shape, generator=g).to(y.device)
     outs, grads = ([y, last], [grad_y, grad_last]) if grad_last is not None else ([y], [grad_y])
+    y64, last64, grads64 = float64_result(tensors, softplus, grads)
+    assert y.dtype == inputs["u"].dtype and y.shape == inputs["u"].shape
+    assert rel_err(y, y64) < tol
+    assert rel_err(last, last64) < tol
+
     torch.autograd.backward(outs, grads)
-    outs64 = [y64, last64][: len(outs)]
-    torch.autograd.backward(outs64, [gr.double() for gr in grads])
     for name, t in tensors.items():
         assert t.grad is not None, name
-        assert rel_err(t.grad, tensors64[name].grad) < tol, f"gradient of {name}"
+        assert rel_err(t.grad, grads64[name]) < tol, f"gradient of {name}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -144,7 +158,7 @@ def test_other_shapes_of_B_and_C(backend, b_form):
     check_against_float64(backend, inputs, dict.fromkeys(("D", "z", "delta_bias"), True), softplus=True)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "reference"])
+@pytest.mark.parametrize("backend", ["chunked", "reference", "numba"])
 def test_long_sequence_with_large_steps_stays_exact(backend):
     # Steps up to ~e^3 with |A| up to 24: exp(dt*A) underflows to 0 where log-space tricks blow up.
     inputs = make_inputs(2, 16, 16, 2560, delta_scale=4.0, seed=7)
@@ -195,9 +209,28 @@ def test_environment_variable_selects_backend(monkeypatch):
         resolve_backend(None, torch.device("cpu"))
 
 
-def test_default_on_cpu_is_chunked(monkeypatch):
+def test_default_on_cpu_is_the_fused_numba_kernel(monkeypatch):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    assert resolve_backend(None, torch.device("cpu")) == "chunked"
+    assert resolve_backend(None, torch.device("cpu")) == "numba"
+
+
+def test_without_numba_the_default_falls_back_to_chunked_and_says_why(monkeypatch):
+    from starmamba.ops import scan
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(scan, "_kernel_module", lambda name: (None, f"{name} is not importable (no module)"))
+    monkeypatch.setattr(scan, "_warned", set())
+    with pytest.warns(UserWarning, match=r"chunked PyTorch selective scan on cpu \(numba: numba is not importable"):
+        assert resolve_backend(None, torch.device("cpu")) == "chunked"
+    with pytest.raises(RuntimeError, match="the numba scan backend cannot run: numba is not importable"):
+        resolve_backend("numba", torch.device("cpu"))
+    inputs = make_inputs(2, 8, 4, 20, seed=4)
+    check_against_float64(None, inputs, dict.fromkeys(("D", "z", "delta_bias"), True), softplus=True)
+
+
+def test_fused_backends_refuse_the_wrong_device():
+    with pytest.raises(RuntimeError, match="numba scan backend cannot run: it runs on CPU tensors, not meta"):
+        resolve_backend("numba", torch.device("meta"))
 
 
 def test_mamba_ssm_backend_needs_cuda_tensors():

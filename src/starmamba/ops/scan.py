@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import warnings
+from collections.abc import Callable
 from typing import Literal, get_args
 
 import torch
@@ -14,17 +17,45 @@ from starmamba.ops.scan_chunked import scan_chunked
 from starmamba.ops.scan_cuda import mamba_ssm_scan
 from starmamba.ops.scan_reference import scan_reference
 
-Backend = Literal["chunked", "reference", "mamba_ssm"]
+Backend = Literal["numba", "triton", "mamba_ssm", "chunked", "reference"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 BACKEND_ENV = "STARMAMBA_SCAN_BACKEND"
+# Tried in this order by "auto"; chunked (pure PyTorch) runs everywhere and ends both lists.
+AUTO_ORDER = {"cpu": ("numba", "chunked"), "cuda": ("mamba_ssm", "triton", "chunked")}
 _CORES = {"chunked": scan_chunked, "reference": scan_reference}
-_warned_devices: set[torch.device] = set()
+_warned: set[tuple[str, torch.device]] = set()
+
+
+@functools.cache
+def _kernel_module(name: str) -> tuple[object | None, str]:
+    """Import a JIT-kernel backend's module on first use: (module, "") or (None, why not).
+
+    Lazily, because importing numba or triton costs a second, and TRITON_INTERPRET must be set
+    before the Triton kernels are defined.
+    """
+    try:
+        return importlib.import_module(f"starmamba.ops.scan_{name}"), ""
+    except ImportError as error:
+        return None, f"{name} is not importable ({error})"
+
+
+def _unavailable(name: str, device: torch.device) -> str:
+    """Why backend ``name`` cannot run on ``device``; "" when it can."""
+    if name == "mamba_ssm":
+        return mamba_ssm_scan(device.index or 0)[1] if device.type == "cuda" else f"tensors are on {device}"
+    if name == "numba":
+        return _kernel_module("numba")[1] if device.type == "cpu" else f"it runs on CPU tensors, not {device}"
+    if name == "triton":
+        module, why = _kernel_module("triton")
+        return why or module.triton_status(device)[1]
+    return ""
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """Name the backend that runs on ``device``: ``backend``, else $STARMAMBA_SCAN_BACKEND, else auto.
 
-    Auto is mamba_ssm on CUDA when its kernel runs there, and "chunked" everywhere else.
+    Auto takes the first that runs of numba, chunked on a CPU and of mamba_ssm, triton, chunked on
+    CUDA, warning once per device when it passes over a fused kernel.
     """
     source = "backend="
     if backend is None and os.environ.get(BACKEND_ENV):
@@ -34,17 +65,23 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         raise ValueError(
             f"unknown selective-scan backend {source}{name!r}; choose one of {', '.join(BACKENDS)} or auto"
         )
-    if name in ("auto", "mamba_ssm"):
-        fn, why = mamba_ssm_scan(device.index or 0) if device.type == "cuda" else (None, f"tensors are on {device}")
-        if fn is not None:
-            return "mamba_ssm"
-        if name == "mamba_ssm":
-            raise RuntimeError(f"the mamba_ssm scan backend cannot run: {why}")
-        if device.type == "cuda" and device not in _warned_devices:
-            _warned_devices.add(device)
-            warnings.warn(f"falling back to the chunked PyTorch selective scan on {device}: {why}", stacklevel=3)
-        return "chunked"
-    return name
+    if name != "auto":
+        why = _unavailable(name, device)
+        if why:
+            raise RuntimeError(f"the {name} scan backend cannot run: {why}")
+        return name
+    skipped = []
+    for candidate in AUTO_ORDER.get(device.type, ("chunked",)):
+        why = _unavailable(candidate, device)
+        if not why:
+            break
+        skipped.append(f"{candidate}: {why}")
+    # mamba_ssm is an optional extra on CUDA: missing it is worth a word only when triton is missing too.
+    if candidate == "chunked" and skipped and (candidate, device) not in _warned:
+        _warned.add((candidate, device))
+        warnings.warn(f"falling back to the chunked PyTorch selective scan on {device} ({'; '.join(skipped)})",
+                      stacklevel=3)  # fmt: skip
+    return candidate
 
 
 def selective_scan(
@@ -78,18 +115,26 @@ def selective_scan(
     if name == "mamba_ssm":
         fn, _ = mamba_ssm_scan(u.device.index or 0)
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    B, C = _grouped(B, C, u)
+    if name == "triton":
+        fn: Callable = _kernel_module("triton")[0].scan_triton
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     dtype = torch.promote_types(u.dtype, torch.float32)
     u_c, dt = u.to(dtype), delta.to(dtype)
     if delta_bias is not None:
         dt = dt + delta_bias.to(dtype)[:, None]
     if delta_softplus:
         dt = F.softplus(dt)
-    B, C = _grouped(B, C, u)
-    y, last_state = _CORES[name](u_c, dt, A.to(dtype), B.to(dtype), C.to(dtype))
-    if D is not None:
-        y = y + u_c * D.to(dtype)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
+    A, B, C = A.to(dtype), B.to(dtype), C.to(dtype)
+    if name == "numba":  # D and the z gate are fused into the kernel
+        D, z = (None if t is None else t.to(dtype) for t in (D, z))
+        y, last_state = _kernel_module("numba")[0].scan_numba(u_c, dt, A, B, C, D, z)
+    else:
+        y, last_state = _CORES[name](u_c, dt, A, B, C)
+        if D is not None:
+            y = y + u_c * D.to(dtype)[:, None]
+        if z is not None:
+            y = y * F.silu(z.to(dtype))
     y = y.to(u.dtype)
     return (y, last_state) if return_last_state else y
 

@@ -12,14 +12,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# A chunk holds at most this many state values per buffer (8 MB in fp32) and at most MAX_CHUNK
-# steps: measured on 2 cores, larger chunks fall out of cache and smaller ones pay more dispatch.
+# On a CPU a chunk holds at most this many state values per buffer (8 MB in fp32) and at most
+# MAX_CHUNK steps: measured on 2 cores, larger chunks fall out of cache and smaller ones pay more
+# dispatch. On a GPU the cache rule would shrink chunks to one step at large batches, so that the
+# saved entering states grow to every state of the sequence; a fixed length keeps both the saved
+# states (length / CUDA_CHUNK of them) and the per-chunk buffers bounded.
 CHUNK_ELEMENTS = 2**21
 MAX_CHUNK = 64
+CUDA_CHUNK = 16
 
 
-def chunk_length(batch: int, dim: int, d_state: int) -> int:
-    """Steps per chunk for states of (batch, dim, d_state)."""
+def chunk_length(batch: int, dim: int, d_state: int, device: torch.device | str = "cpu") -> int:
+    """Steps per chunk for states of (batch, dim, d_state) on ``device``."""
+    if torch.device(device).type == "cuda":
+        return CUDA_CHUNK
     return max(1, min(MAX_CHUNK, CHUNK_ELEMENTS // (batch * dim * d_state)))
 
 
@@ -32,7 +38,7 @@ def scan_chunked(
     (b, d, n); gradients flow to every input and through the last state too. ``chunk`` defaults to
     :func:`chunk_length`.
     """
-    chunk = chunk or chunk_length(u.shape[0], u.shape[1], A.shape[1])
+    chunk = chunk or chunk_length(u.shape[0], u.shape[1], A.shape[1], u.device)
     return _ChunkedScan.apply(u, dt, A, B, C, chunk)
 
 

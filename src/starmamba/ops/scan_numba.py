@@ -1,0 +1,349 @@
+"""Fused selective scan for CPUs, compiled by numba: the default CPU backend when numba imports.
+
+One pass per (batch, channel block) does the discretisation, the recurrence and the C contraction
+on data held in cache, with D and the z gate fused. Like mamba_ssm's CUDA kernel, the forward
+pass keeps only the state entering each chunk of ``CHUNK`` steps and the backward pass recomputes
+the states inside a chunk before running the adjoint recurrence backwards through it.
+
+Why numba and why this shape (measured on 2 cores, see ``benchmarks/scan.py``):
+- numba compiles at the first call (cached on disk), so nothing is compiled at install and no
+  system compiler is needed; torch.compile needs a C++ compiler and compiled a loop version for
+  minutes into something slower than the chunked PyTorch scan.
+- The loop over a block of channels is innermost and contiguous, so LLVM vectorises it; numba
+  calls a scalar ``expf`` for ``math.exp``, so float32 uses an own exp (:func:`fast_exp`) that
+  vectorises.
+- Threads: a kernel releases the GIL and the tasks (batch x channel blocks) are split over
+  ``torch.get_num_threads()`` Python threads. That is torch's own budget (no oversubscription; a
+  DataLoader worker, which torch sets to one thread, runs inline), and, unlike numba's OpenMP
+  layer, a pool of Python threads is safe in a forked child: it is rebuilt per process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+from torch import Tensor
+
+# Steps per chunk (states kept for the backward pass) and channels per task. A task's buffers,
+# (CHUNK + 1) x d_state x BLOCK states among them, then stay in a core's L2 cache.
+CHUNK = 32
+BLOCK = 64
+_JIT = {"nogil": True, "cache": True, "error_model": "numpy", "fastmath": {"contract", "reassoc", "nsz", "arcp"}}
+
+
+@intrinsic
+def _pow2(typingctx, biased_exponent):
+    """2^(e - 127) as float32 for an int32 e in 1..254: e put in the exponent bits.
+
+    Written in LLVM IR because numba widens int32 arithmetic to int64, which AVX2 cannot vectorise.
+    """
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.shl(args[0], ir.Constant(ir.IntType(32), 23)), ir.FloatType())
+
+    return sig, codegen
+
+
+def fast_exp(x):
+    """exp(x); in numba, a vectorisable float32 version (max. relative error 3e-7)."""
+    return math.exp(x)
+
+
+@overload(fast_exp)
+def _fast_exp(x):
+    if x != types.float32:
+        return lambda x: math.exp(x)
+
+    def exp32(x):
+        # exp(x) = 2^k exp(r), k = round(x / ln 2), |r| <= ln(2) / 2 (Cody-Waite split of ln 2); exp(r)
+        # by a degree-5 polynomial fitted to relative error (7.7e-8 on that range), evaluated in
+        # Estrin's scheme: its short dependency chain is what makes the vectorised loop fast.
+        x = min(max(x, np.float32(-87.0)), np.float32(88.0))
+        biased = np.int32(x * np.float32(1.4426950408889634) + np.float32(127.5))  # k + 127, positive
+        k = np.float32(biased) - np.float32(127.0)
+        r = x - k * np.float32(0.693145751953125) - k * np.float32(1.428606765330187e-06)
+        r2 = r * r
+        p01 = np.float32(1.0000000710296997) + np.float32(0.9999996661619812) * r
+        p23 = np.float32(0.49998899075803227) + np.float32(0.16667662837726227) * r
+        p45 = np.float32(0.04191502854162144) + np.float32(0.008291716684977784) * r
+        p = p01 + r2 * (p23 + r2 * p45)
+        return p * _pow2(biased)
+
+    return exp32
+
+
+@numba.njit(**_JIT)
+def _task_channels(task, batch_blocks, blocks_per_group, dim_per_group, block):
+    """(batch, group, block index, first channel, end channel) of a task."""
+    b, blk = task // batch_blocks, task % batch_blocks
+    g = blk // blocks_per_group
+    d0 = g * dim_per_group + (blk % blocks_per_group) * block
+    return b, g, blk, d0, min(d0 + block, (g + 1) * dim_per_group)
+
+
+@numba.njit(**_JIT)
+def _load_chunk(b, g, d0, nd, t0, steps, u, dt, B, C, ut, dtt, Bt, Ct):
+    """Time-major copies of one chunk: ut, dtt (steps, nd) = u, dt; Bt, Ct (steps, n)."""
+    for j in range(nd):
+        for s in range(steps):
+            ut[s, j] = u[b, d0 + j, t0 + s]
+            dtt[s, j] = dt[b, d0 + j, t0 + s]
+    for n in range(B.shape[2]):
+        for s in range(steps):
+            Bt[s, n] = B[b, g, n, t0 + s]
+            Ct[s, n] = C[b, g, n, t0 + s]
+
+
+@numba.njit(**_JIT)
+def _recompute(steps, nd, At, ut, dtt, Bt, H, E):
+    """H[s + 1] = E[s] H[s] + dt u B with E[s] = exp(dt A), for a chunk; H[0] holds the entering state."""
+    for s in range(steps):
+        for n in range(At.shape[0]):
+            bn = Bt[s, n]
+            for j in range(nd):
+                ea = fast_exp(dtt[s, j] * At[n, j])
+                E[s, n, j] = ea
+                H[s + 1, n, j] = ea * H[s, n, j] + dtt[s, j] * ut[s, j] * bn
+
+
+@numba.njit(**_JIT)
+def _buffers4(rows, cols, dtype):
+    """Four (rows, cols) scratch arrays."""
+    return (
+        np.empty((rows, cols), dtype), np.empty((rows, cols), dtype),
+        np.empty((rows, cols), dtype), np.empty((rows, cols), dtype),
+    )  # fmt: skip
+
+
+@numba.njit(**_JIT)
+def _forward(lo, hi, u, dt, A, B, C, D, z, has_z, block, y, last, entering):
+    """Tasks lo..hi-1 of the forward pass: y (b, d, l), last (b, d, n), entering (b, chunks, n, d)."""
+    _, dim, length = u.shape
+    groups, d_state = B.shape[1], A.shape[1]
+    dim_per_group = dim // groups
+    blocks_per_group = (dim_per_group + block - 1) // block
+    chunks = entering.shape[1]
+    chunk = (length + chunks - 1) // chunks
+    zero, one = u.dtype.type(0), u.dtype.type(1)
+    At, h, _, _ = _buffers4(d_state, block, u.dtype)
+    ut, dtt, yt, _ = _buffers4(chunk, block, u.dtype)
+    Bt, Ct = np.empty((chunk, d_state), u.dtype), np.empty((chunk, d_state), u.dtype)
+    for task in range(lo, hi):
+        b, g, _, d0, d1 = _task_channels(task, groups * blocks_per_group, blocks_per_group, dim_per_group, block)
+        nd = d1 - d0
+        for n in range(d_state):
+            for j in range(nd):
+                At[n, j] = A[d0 + j, n]
+                h[n, j] = zero
+        for k in range(chunks):
+            t0 = k * chunk
+            steps = min(chunk, length - t0)
+            for n in range(d_state):
+                for j in range(nd):
+                    entering[b, k, n, d0 + j] = h[n, j]
+            _load_chunk(b, g, d0, nd, t0, steps, u, dt, B, C, ut, dtt, Bt, Ct)
+            for s in range(steps):
+                for j in range(nd):
+                    yt[s, j] = D[d0 + j] * ut[s, j]
+                for n in range(d_state):
+                    bn, cn = Bt[s, n], Ct[s, n]
+                    for j in range(nd):
+                        hv = fast_exp(dtt[s, j] * At[n, j]) * h[n, j] + dtt[s, j] * ut[s, j] * bn
+                        h[n, j] = hv
+                        yt[s, j] += cn * hv
+            for j in range(nd):
+                for s in range(steps):
+                    v = yt[s, j]
+                    if has_z:
+                        zv = z[b, d0 + j, t0 + s]
+                        v = v * (zv / (one + fast_exp(-zv)))
+                    y[b, d0 + j, t0 + s] = v
+        for n in range(d_state):
+            for j in range(nd):
+                last[b, d0 + j, n] = h[n, j]
+
+
+@numba.njit(**_JIT)
+def _backward(
+    lo, hi, u, dt, A, B, C, D, z, has_z, block, entering, gy, glast, du, ddt_out, dz, dA_part, dB_part, dC_part,
+    dD_part,
+):  # fmt: skip
+    """Tasks lo..hi-1 of the backward pass.
+
+    du, ddt_out, dz (b, d, l) are written whole; the parameter gradients as per-task partials that
+    the caller sums in a fixed order: dA_part (b, d, n), dB_part and dC_part (b, blocks, n, l),
+    dD_part (b, d).
+    """
+    _, dim, length = u.shape
+    groups, d_state = B.shape[1], A.shape[1]
+    dim_per_group = dim // groups
+    blocks_per_group = (dim_per_group + block - 1) // block
+    chunks = entering.shape[1]
+    chunk = (length + chunks - 1) // chunks
+    zero, one = u.dtype.type(0), u.dtype.type(1)
+    At, lam, dA_acc, _ = _buffers4(d_state, block, u.dtype)
+    H, E = np.empty((chunk + 1, d_state, block), u.dtype), np.empty((chunk, d_state, block), u.dtype)
+    ut, dtt, gt, _ = _buffers4(chunk, block, u.dtype)
+    dut, ddt, _, _ = _buffers4(chunk, block, u.dtype)
+    dy, dD_acc = np.empty(block, u.dtype), np.empty(block, u.dtype)
+    Bt, Ct = np.empty((chunk, d_state), u.dtype), np.empty((chunk, d_state), u.dtype)
+    for task in range(lo, hi):
+        b, g, blk, d0, d1 = _task_channels(task, groups * blocks_per_group, blocks_per_group, dim_per_group, block)
+        nd = d1 - d0
+        for n in range(d_state):
+            for j in range(nd):
+                At[n, j] = A[d0 + j, n]
+                lam[n, j] = glast[b, d0 + j, n]
+                dA_acc[n, j] = zero
+        for j in range(nd):
+            dD_acc[j] = zero
+        for k in range(chunks - 1, -1, -1):
+            t0 = k * chunk
+            steps = min(chunk, length - t0)
+            _load_chunk(b, g, d0, nd, t0, steps, u, dt, B, C, ut, dtt, Bt, Ct)
+            for n in range(d_state):
+                for j in range(nd):
+                    H[0, n, j] = entering[b, k, n, d0 + j]
+            _recompute(steps, nd, At, ut, dtt, Bt, H, E)
+            for j in range(nd):
+                for s in range(steps):
+                    gt[s, j] = gy[b, d0 + j, t0 + s]
+            for s in range(steps - 1, -1, -1):
+                # Through the gate: y = (C h + D u) * silu(z).
+                for j in range(nd):
+                    dy[j] = gt[s, j]
+                if has_z:
+                    for j in range(nd):
+                        pre = D[d0 + j] * ut[s, j]
+                        for n in range(d_state):
+                            pre += Ct[s, n] * H[s + 1, n, j]
+                        zv = z[b, d0 + j, t0 + s]
+                        sig = one / (one + fast_exp(-zv))
+                        dz[b, d0 + j, t0 + s] = dy[j] * pre * sig * (one + zv * (one - sig))
+                        dy[j] = dy[j] * zv * sig
+                for j in range(nd):
+                    dD_acc[j] += dy[j] * ut[s, j]
+                    dut[s, j] = dy[j] * D[d0 + j]
+                    ddt[s, j] = zero
+                for n in range(d_state):
+                    cn, bn = Ct[s, n], Bt[s, n]
+                    sum_c = zero
+                    sum_b = zero
+                    for j in range(nd):
+                        # lam: dLoss/dh at step s; lam * dA is what reaches step s - 1.
+                        lv = lam[n, j] + dy[j] * cn
+                        sum_c += dy[j] * H[s + 1, n, j]
+                        dtv = dtt[s, j]
+                        ea = E[s, n, j]
+                        through_a = lv * ea * H[s, n, j]
+                        ddt[s, j] += through_a * At[n, j] + lv * bn * ut[s, j]
+                        dut[s, j] += lv * dtv * bn
+                        sum_b += lv * dtv * ut[s, j]
+                        dA_acc[n, j] += through_a * dtv
+                        lam[n, j] = lv * ea
+                    dC_part[b, blk, n, t0 + s] = sum_c
+                    dB_part[b, blk, n, t0 + s] = sum_b
+            for j in range(nd):
+                for s in range(steps):
+                    ddt_out[b, d0 + j, t0 + s] = ddt[s, j]
+                    du[b, d0 + j, t0 + s] = dut[s, j]
+        for j in range(nd):
+            dD_part[b, d0 + j] = dD_acc[j]
+            for n in range(d_state):
+                dA_part[b, d0 + j, n] = dA_acc[n, j]
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _parallel(kernel, tasks: int, *args) -> None:
+    """Run ``kernel(lo, hi, *args)`` over task ranges on torch's thread budget (see module docstring)."""
+    global _pool
+    threads = max(1, min(torch.get_num_threads(), tasks))
+    bounds = np.linspace(0, tasks, threads + 1).round().astype(int)
+    if threads == 1:
+        kernel(0, tasks, *args)
+        return
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < threads - 1:
+            _pool = (os.getpid(), ThreadPoolExecutor(threads - 1, thread_name_prefix="starmamba-scan"))
+        pool = _pool[1]
+    futures = [pool.submit(kernel, lo, hi, *args) for lo, hi in itertools.pairwise(bounds[1:])]
+    kernel(bounds[0], bounds[1], *args)
+    for future in futures:
+        future.result()
+
+
+def _block(dim_per_group: int) -> int:
+    """Channels per task: at most BLOCK, equal blocks where possible, a multiple of the 8 lanes of AVX2."""
+    per_block = -(-dim_per_group // -(-dim_per_group // BLOCK))
+    return min(dim_per_group, -(-per_block // 8) * 8)
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+class _NumbaScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, D, z):
+        batch, dim, length = u.shape
+        groups = B.shape[1]
+        block = _block(dim // groups)
+        tasks = batch * groups * -(-(dim // groups) // block)
+        y = torch.empty_like(u)
+        last = u.new_empty(batch, dim, A.shape[1])
+        entering = u.new_empty(batch, -(-length // CHUNK), A.shape[1], dim)
+        z_arg = u.new_empty(1, 1, 1) if z is None else z
+        _parallel(_forward, tasks, *map(_np, (u, dt, A, B, C, D, z_arg)), z is not None, block,
+                  *map(_np, (y, last, entering)))  # fmt: skip
+        ctx.save_for_backward(u, dt, A, B, C, D, z, entering)
+        ctx.block, ctx.tasks = block, tasks
+        ctx.set_materialize_grads(False)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last):
+        u, dt, A, B, C, D, z, entering = ctx.saved_tensors
+        batch, dim, length = u.shape
+        groups, d_state = B.shape[1], A.shape[1]
+        blocks = ctx.tasks // batch
+        grad_y = u.new_zeros(u.shape) if grad_y is None else grad_y.to(u.dtype).contiguous()
+        grad_last = u.new_zeros(batch, dim, d_state) if grad_last is None else grad_last.to(u.dtype).contiguous()
+        du, ddt = torch.empty_like(u), torch.empty_like(u)
+        dz = u.new_empty(1, 1, 1) if z is None else torch.empty_like(u)
+        dA_part, dD_part = u.new_empty(batch, dim, d_state), u.new_empty(batch, dim)
+        dB_part, dC_part = (u.new_empty(batch, blocks, d_state, length) for _ in range(2))
+        z_arg = u.new_empty(1, 1, 1) if z is None else z
+        outputs = (du, ddt, dz, dA_part, dB_part, dC_part, dD_part)
+        _parallel(_backward, ctx.tasks, *map(_np, (u, dt, A, B, C, D, z_arg)), z is not None, ctx.block,
+                  *map(_np, (entering, grad_y, grad_last, *outputs)))  # fmt: skip
+        dB = dB_part.view(batch, groups, blocks // groups, d_state, length).sum(2)
+        dC = dC_part.view(batch, groups, blocks // groups, d_state, length).sum(2)
+        return du, ddt, dA_part.sum(0), dB, dC, dD_part.sum(0), None if z is None else dz
+
+
+def scan_numba(
+    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The selective scan after discretisation's step size: ``(C h + D u) * silu(z)`` with the state h.
+
+    Shapes: u, dt (the step, after bias and softplus), z (b, d, l) on the CPU; A (d, n);
+    B, C (b, g, n, l) with g dividing d; D (d,). All of one dtype, float32 or float64.
+    Returns y (b, d, l) and the last state (b, d, n); differentiable in every tensor.
+    """
+    D = u.new_zeros(u.shape[1]) if D is None else D
+    args = [t.contiguous() for t in (u, dt, A, B, C, D)]
+    return _NumbaScan.apply(*args, None if z is None else z.contiguous())

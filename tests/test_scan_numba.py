@@ -1,0 +1,115 @@
+"""The fused numba CPU scan: its exp, chunking, task partition, threads and forks."""
+
+import multiprocessing
+
+import numba
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from starmamba.ops import scan_numba
+from starmamba.ops.scan_numba import fast_exp
+from test_scan import make_inputs
+
+
+@numba.njit
+def _exp_all(x, out):
+    for i in range(x.size):
+        out[i] = fast_exp(x[i])
+
+
+def test_fast_exp_is_accurate_over_the_float32_range_and_saturates():
+    x = np.concatenate([np.linspace(-87, 88, 1_000_001), np.linspace(-1, 1, 100_001)]).astype(np.float32)
+    out = np.empty_like(x)
+    _exp_all(x, out)
+    exact = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(out / exact - 1)) < 3e-7
+    extremes = np.array([-1e4, -100, 100, 1e4], np.float32)
+    out = np.empty_like(extremes)
+    _exp_all(extremes, out)
+    assert np.all(np.isfinite(out))
+    assert out[0] == out[1] and 0 < out[0] < 1e-37
+    assert out[2] == out[3] and out[2] > 1e38
+
+
+def _run(inputs, z=True):
+    """y, last state and every gradient of one scan, in float64 (B and C grouped, as the kernel takes them)."""
+    args = {
+        "u": inputs["u"].double(),
+        "dt": F.softplus(inputs["delta"].double()),
+        "A": inputs["A"].double(),
+        "B": inputs["B"].double()[:, None],
+        "C": inputs["C"].double()[:, None],
+        "D": inputs["D"].double(),
+        "z": inputs["z"].double() if z else None,
+    }
+    leaves = {k: v.requires_grad_() for k, v in args.items() if v is not None}
+    y, last = scan_numba.scan_numba(**args)
+    g = torch.Generator().manual_seed(0)
+    torch.autograd.backward([y, last], [torch.randn(y.shape, generator=g, dtype=y.dtype),
+                                        torch.randn(last.shape, generator=g, dtype=y.dtype)])  # fmt: skip
+    return [y.detach(), last.detach()] + [t.grad for t in leaves.values()]
+
+
+@pytest.mark.parametrize("chunk,block", [(1, 8), (3, 16), (7, 24), (64, 64)])
+def test_chunk_length_and_channel_blocks_do_not_change_the_result(monkeypatch, chunk, block):
+    inputs = make_inputs(2, 40, 5, 50, seed=11)
+    reference = _run(inputs)
+    monkeypatch.setattr(scan_numba, "CHUNK", chunk)
+    monkeypatch.setattr(scan_numba, "BLOCK", block)
+    for got, want in zip(_run(inputs), reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_gradients_pass_gradcheck_in_float64():
+    inputs = make_inputs(2, 4, 3, 11, seed=2)
+    args = [
+        inputs["u"].double(),
+        F.softplus(inputs["delta"].double()),
+        inputs["A"].double(),
+        inputs["B"].double()[:, None],
+        inputs["C"].double()[:, None],
+        inputs["D"].double(),
+        inputs["z"].double(),
+    ]
+    args = [a.requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(scan_numba.scan_numba, args)
+
+
+def test_thread_count_does_not_change_a_bit():
+    inputs = make_inputs(4, 96, 16, 37, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(inputs)
+        torch.set_num_threads(3)
+        three = _run(inputs)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, three, strict=True):
+        assert torch.equal(a, b)
+
+
+def _child(inputs, queue):
+    torch.set_num_threads(2)
+    queue.put([t.numpy() for t in _run(inputs)])
+
+
+def test_a_forked_child_runs_the_kernel_after_its_parent():
+    inputs = make_inputs(4, 96, 16, 37, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parent = _run(inputs)  # the parent's thread pool now exists
+    finally:
+        torch.set_num_threads(threads)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child, args=(inputs, queue))
+    child.start()
+    result = queue.get(timeout=120)
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    for a, b in zip(result, parent, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
