@@ -26,14 +26,15 @@ import triton.language as tl
 from torch import Tensor
 
 # Steps between the states the forward keeps. The backward's scratch holds CHUNK + 1 states per
-# program and the forward keeps length / CHUNK of them: 32 balances the two at the paper's shapes.
+# program and the forward keeps length / CHUNK of them; 32 keeps both to tens of MB at the paper's
+# shapes. (Block sizes here are chosen by reasoning and ptxas reports, not yet timed on a GPU.)
 CHUNK = 32
 # Channel blocks, largest first: the launcher takes the largest that still yields MIN_PROGRAMS
 # programs, so that short batches still fill the GPU while long ones launch fewer, wider programs.
 BLOCK_D_CHOICES = (64, 32, 16)
 MIN_PROGRAMS = 1024
-# fp32 state values per thread, which sets num_warps up to MAX_WARPS. The backward needs ~130-170
-# registers per thread whatever this is; ptxas caps blocks of 256 threads at 128 and spills there.
+# fp32 state values per thread, which sets num_warps up to MAX_WARPS. The backward takes ~130-170
+# registers per thread whatever this is; with 8 warps ptxas (CUDA 12.8) held it to 128 and spilled.
 VALUES_PER_THREAD = 4
 MAX_WARPS = 4
 # Warps per SM the backward launches: it loops over tiles with a fixed grid, so its scratch buffer
@@ -63,7 +64,7 @@ def launch_config(batch: int, dim: int, groups: int, d_state: int) -> LaunchConf
     choices = [bd for bd in BLOCK_D_CHOICES if bd <= widest and (groups == 1 or rows % bd == 0)]
     if choices:
         block_d = next((bd for bd in choices if batch * triton.cdiv(dim, bd) >= MIN_PROGRAMS), choices[-1])
-    else:  # fewer than 16 channels per group (e.g. one group per channel): the largest power of two dividing it
+    else:  # no block of 16+ divides a group (e.g. one group per channel): the largest power of two that does
         block_d = rows & -rows
     block_n = triton.next_power_of_2(d_state)
     num_warps = min(MAX_WARPS, max(1, block_d * block_n // (32 * VALUES_PER_THREAD)))
