@@ -1,6 +1,11 @@
 """Shared fixtures: where the real Fashion-MNIST is, failing instead of skipping when CI requires it."""
 
 import os
+
+# Triton decides at kernel-definition time whether to interpret, so this must precede any import of
+# starmamba.ops.scan_triton: it lets the Triton scan run (and be tested) on CPU tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest

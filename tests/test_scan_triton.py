@@ -1,0 +1,194 @@
+"""The Triton selective scan against a float64 recurrence, run by Triton's interpreter on CPU.
+
+conftest.py sets TRITON_INTERPRET=1 before the kernel module is imported. The interpreter is slow,
+so the shapes are small; they still cross chunk boundaries, mask channels and states, and cover
+every channel-block layout the launcher picks.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from starmamba.ops.scan_triton import CHUNK, LaunchConfig, launch_config, scan_triton, triton_status
+
+OPTIONS = ("D", "z", "delta_bias")
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def scan_float64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """mamba_ssm's documented scan, one step at a time in float64; B, C (b, g, n, l)."""
+    u, delta, A = u.double(), delta.double(), A.double()
+    B, C = (M.double().repeat_interleave(u.shape[1] // M.shape[1], dim=1) for M in (B, C))  # (b, d, n, l)
+    dt = delta + delta_bias.double()[:, None] if delta_bias is not None else delta
+    if delta_softplus:
+        dt = F.softplus(dt)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(dt[..., t, None] * A) * h + (dt[..., t] * u[..., t])[..., None] * B[..., t]
+        ys.append((h * C[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.double()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.double())
+    return y, h
+
+
+def make_inputs(batch, dim, d_state, length, groups, dtype=torch.float32, seed=0):
+    """Leaf tensors of a scan: u, delta, z, B, C in ``dtype``; A, D, delta_bias in fp32 as models keep them."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "u": torch.randn(batch, dim, length, generator=g),
+        # positive, so that the step stays positive when softplus is off as well
+        "delta": torch.randn(batch, dim, length, generator=g).abs() * 0.5,
+        # S4D-real magnitudes 1..d_state, as Mamba initialises them
+        "A": -torch.arange(1, d_state + 1.0).repeat(dim, 1) * (0.5 + torch.rand(dim, d_state, generator=g)),
+        "B": torch.randn(batch, groups, d_state, length, generator=g),
+        "C": torch.randn(batch, groups, d_state, length, generator=g),
+        "D": torch.randn(dim, generator=g),
+        "z": torch.randn(batch, dim, length, generator=g),
+        "delta_bias": torch.rand(dim, generator=g) * 0.5,
+    }
+    low = ("u", "delta", "B", "C", "z")
+    return {k: (v.to(dtype) if k in low else v).requires_grad_() for k, v in inputs.items()}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def check(inputs, use=OPTIONS, softplus=True, grad_y=True, layout=lambda name, t: t):
+    """Run the Triton scan and the float64 recurrence on the same values and compare y, the last state
+    and the gradients of every input; ``layout`` may hand the kernel a differently strided view."""
+    used = {k: v for k, v in inputs.items() if k not in OPTIONS or k in use}
+    dtype = used["u"].dtype
+    y, last = scan_triton(**{k: layout(k, v) for k, v in used.items()}, delta_softplus=softplus, return_last_state=True)
+    used64 = {k: v.detach().double().requires_grad_() for k, v in used.items()}
+    y64, last64 = scan_float64(**used64, delta_softplus=softplus)
+    assert y.dtype == dtype and y.shape == used["u"].shape
+    assert last.dtype == torch.float32 and last.shape == last64.shape
+    tol = TOLERANCE[dtype]
+    assert rel_err(y, y64) < tol
+    assert rel_err(last, last64) < tol
+
+    g = torch.Generator().manual_seed(1)
+    gy, glast = torch.randn(y.shape, generator=g).to(dtype), torch.randn(last.shape, generator=g)
+    outs, grads = ([y, last], [gy, glast]) if grad_y else ([last], [glast])
+    torch.autograd.backward(outs, grads)
+    torch.autograd.backward([y64, last64][-len(outs) :], [t.double() for t in grads])
+    for name, t in used.items():
+        assert t.grad is not None and t.grad.dtype == t.dtype, name
+        # Inputs that only reach y have no float64 gradient when only the last state has one.
+        expected = used64[name].grad if used64[name].grad is not None else torch.zeros_like(used64[name])
+        assert rel_err(t.grad, expected) < tol, f"gradient of {name}"
+
+
+@pytest.mark.parametrize(
+    "batch,dim,d_state,length,groups",
+    [
+        (2, 16, 4, 2 * CHUNK + 5, 1),  # two programs over three chunks, the last one ragged
+        (2, 16, 4, 1, 1),  # a single step
+        (1, 24, 4, CHUNK + 1, 1),  # channel blocks of 16: the second one half masked
+        (1, 16, 4, 20, 4),  # four groups of four channels: blocks of 4
+        (1, 128, 5, 12, 4),  # two blocks of 16 per group; 5 states padded to 8
+        (1, 4, 4, 20, 4),  # one group per channel, as mixed or time-invariant B and C expand to
+    ],
+)
+def test_matches_float64_recurrence(batch, dim, d_state, length, groups):
+    check(make_inputs(batch, dim, d_state, length, groups, seed=length))
+
+
+@pytest.mark.parametrize(
+    "use,softplus",
+    [((), False), (("D",), False), (("z",), False), (("delta_bias",), True), ((), True), (("D", "z"), True)],
+    ids=["plain", "D", "z", "bias-softplus", "softplus", "D-z-softplus"],
+)
+def test_each_option_alone_and_together(use, softplus):
+    check(make_inputs(1, 16, 4, CHUNK + 3, 1, seed=3), use=use, softplus=softplus)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_keep_an_fp32_state(dtype):
+    check(make_inputs(1, 16, 4, CHUNK + 9, 1, dtype=dtype, seed=4))
+
+
+def test_time_major_views_are_read_in_place():
+    def time_major(name, t):
+        if name in ("u", "delta", "z"):  # (b, d, l) views of (b, l, d) memory, as a model's projections give
+            return t.transpose(1, 2).contiguous().transpose(1, 2)
+        return t.transpose(2, 3).contiguous().transpose(2, 3) if name in ("B", "C") else t
+
+    check(make_inputs(1, 16, 4, 20, 1, seed=6), layout=time_major)
+
+
+def test_gradient_through_the_last_state_alone():
+    check(make_inputs(1, 16, 4, CHUNK + 7, 1, seed=8), grad_y=False)
+
+
+def test_without_last_state_returns_y_only():
+    inputs = {k: v.detach() for k, v in make_inputs(1, 16, 4, 9, 1, seed=9).items()}
+    y = scan_triton(**inputs, delta_softplus=True)
+    y64, _ = scan_float64(**inputs, delta_softplus=True)
+    assert isinstance(y, torch.Tensor) and rel_err(y, y64) < 1e-4
+
+
+def test_launch_config_keeps_blocks_within_groups():
+    # Hand-computed from the rule: the widest block dividing dim / groups that still gives 1024 programs.
+    assert launch_config(64, 384, 4, 16) == LaunchConfig(block_d=16, block_n=16, num_warps=2)  # 96 per group
+    assert launch_config(32, 1024, 1, 16) == LaunchConfig(block_d=32, block_n=16, num_warps=4)
+    assert launch_config(128, 3072, 4, 16) == LaunchConfig(block_d=64, block_n=16, num_warps=4)
+    assert launch_config(2, 8, 8, 5) == LaunchConfig(block_d=1, block_n=8, num_warps=1)
+
+
+def test_bad_inputs_are_named():
+    inputs = {k: v.detach() for k, v in make_inputs(1, 8, 4, 5, 2).items()}
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        scan_triton(**{**inputs, "u": inputs["u"].double()})
+    with pytest.raises(ValueError, match="B and C must both be"):
+        scan_triton(**{**inputs, "C": inputs["C"][:, :1]})
+    with pytest.raises(ValueError, match="groups of B and C must divide dim=8"):
+        scan_triton(**{**inputs, "B": inputs["B"].repeat(1, 3, 1, 1), "C": inputs["C"].repeat(1, 3, 1, 1)})
+    with pytest.raises(ValueError, match="D must be"):
+        scan_triton(**{**inputs, "D": inputs["D"][:3]})
+
+
+def _without_interpreter() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_status_names_what_is_missing():
+    assert triton_status("cpu")[0]  # conftest.py turned the interpreter on
+    ok, why = triton_status("meta")
+    assert not ok and "CUDA" in why
+    code = "from starmamba.ops.scan_triton import triton_status; print(triton_status('cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], env=_without_interpreter(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("(False,") and "TRITON_INTERPRET=1" in out.stdout
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm80_and_sm90_without_spilling(tmp_path):
+    # triton.compile needs the real JIT kernels, which TRITON_INTERPRET replaces: hence a subprocess.
+    env = {**_without_interpreter(), "TRITON_CACHE_DIR": str(tmp_path)}
+    script = Path(__file__).with_name("triton_aot.py")
+    out = subprocess.run([sys.executable, str(script), "80", "90"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {(r["sm"], r["block_d"], r["dtype"], r["kernel"]) for r in rows} == {
+        (sm, block_d, dtype, kernel)
+        for sm in (80, 90)
+        for block_d in (16, 32, 64)
+        for dtype in ("float32", "bfloat16", "float16")
+        for kernel in ("forward", "backward")
+    }
+    spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spilled, spilled
