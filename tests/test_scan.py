@@ -149,7 +149,7 @@ def test_every_option_combination(backend, D, z, delta_bias, softplus):
     check_against_float64(backend, inputs, {"D": D, "z": z, "delta_bias": delta_bias}, softplus)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, "triton"])
 @pytest.mark.parametrize("b_form", ["grouped", "mixed", "time_invariant"])
 def test_other_shapes_of_B_and_C(backend, b_form):
     if backend == "mamba_ssm" and b_form != "grouped":
@@ -228,9 +228,11 @@ def test_without_numba_the_default_falls_back_to_chunked_and_says_why(monkeypatc
     check_against_float64(None, inputs, dict.fromkeys(("D", "z", "delta_bias"), True), softplus=True)
 
 
-def test_fused_backends_refuse_the_wrong_device():
+def test_fused_backends_refuse_the_wrong_device_or_dtype():
     with pytest.raises(RuntimeError, match="numba scan backend cannot run: it runs on CPU tensors, not meta"):
         resolve_backend("numba", torch.device("meta"))
+    with pytest.raises(RuntimeError, match="triton scan backend cannot run: it computes in float32"):
+        resolve_backend("triton", torch.device("cpu"), torch.float64)
 
 
 def test_mamba_ssm_backend_needs_cuda_tensors():

@@ -39,20 +39,25 @@ def _kernel_module(name: str) -> tuple[object | None, str]:
         return None, f"{name} is not importable ({error})"
 
 
-def _unavailable(name: str, device: torch.device) -> str:
-    """Why backend ``name`` cannot run on ``device``; "" when it can."""
+def _unavailable(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Why backend ``name`` cannot run on ``device`` with inputs of ``dtype``; "" when it can."""
     if name == "mamba_ssm":
         return mamba_ssm_scan(device.index or 0)[1] if device.type == "cuda" else f"tensors are on {device}"
     if name == "numba":
         return _kernel_module("numba")[1] if device.type == "cpu" else f"it runs on CPU tensors, not {device}"
     if name == "triton":
+        if dtype == torch.float64:
+            return "it computes in float32 (chunked and reference take float64)"
         module, why = _kernel_module("triton")
-        return why or module.triton_status(device)[1]
+        if why:
+            return why
+        runs, why = module.triton_status(device)
+        return "" if runs else why
     return ""
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Name the backend that runs on ``device``: ``backend``, else $STARMAMBA_SCAN_BACKEND, else auto.
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Name the backend that runs on ``device`` and ``dtype``: ``backend``, else $STARMAMBA_SCAN_BACKEND, else auto.
 
     Auto takes the first that runs of numba, chunked on a CPU and of mamba_ssm, triton, chunked on
     CUDA, warning once per device when it passes over a fused kernel.
@@ -66,13 +71,13 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             f"unknown selective-scan backend {source}{name!r}; choose one of {', '.join(BACKENDS)} or auto"
         )
     if name != "auto":
-        why = _unavailable(name, device)
+        why = _unavailable(name, device, dtype)
         if why:
             raise RuntimeError(f"the {name} scan backend cannot run: {why}")
         return name
     skipped = []
     for candidate in AUTO_ORDER.get(device.type, ("chunked",)):
-        why = _unavailable(candidate, device)
+        why = _unavailable(candidate, device, dtype)
         if not why:
             break
         skipped.append(f"{candidate}: {why}")
@@ -111,7 +116,7 @@ def selective_scan(
     Computes in float32 (float64 for float64 inputs) and is differentiable in every tensor.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    name = resolve_backend(backend, u.device)
+    name = resolve_backend(backend, u.device, u.dtype)
     if name == "mamba_ssm":
         fn, _ = mamba_ssm_scan(u.device.index or 0)
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
