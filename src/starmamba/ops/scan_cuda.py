@@ -12,8 +12,10 @@ import torch
 def mamba_ssm_scan(device_index: int) -> tuple[Callable | None, str]:
     """Return (mamba_ssm's ``selective_scan_fn``, "") if it runs on that CUDA device, else (None, why).
 
-    A plain ``pip install mamba-ssm`` from its July 2026 releases on ships without the Mamba-1
-    kernel and only fails when called, so a tiny call is made once per device to find out.
+    mamba-ssm is published as a source distribution only; an install that did not build the Mamba-1
+    kernel (no nvcc, or mamba's main branch since July 2026 without MAMBA_KEEP_CUDA_BUILD=TRUE, an
+    opt-in not yet in a release) imports but fails when called, so a tiny call is made once per
+    device to find out.
     """
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -26,6 +28,6 @@ def mamba_ssm_scan(device_index: int) -> tuple[Callable | None, str]:
     except Exception as error:  # the kernel is missing or broken: fall back, say why
         return None, (
             f"mamba_ssm's CUDA selective scan failed on {device} ({type(error).__name__}: {error}); "
-            "reinstall it with MAMBA_KEEP_CUDA_BUILD=TRUE to build the kernel"
+            "build it from source with nvcc to use it; starmamba's triton backend needs no build"
         )
     return selective_scan_fn, ""
