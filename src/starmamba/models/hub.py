@@ -21,10 +21,11 @@ from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# What the weights were trained on; a folder or a run's export replaces these.
-DATA_DEFAULTS = {
+from starmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+
+# What describes the weights unless a folder (or a run's export) says otherwise: ImageNet's
+# statistics and the evaluation crop of this library's finetuning recipe.
+PRETRAINED_DEFAULTS = {
     "interpolation": "bicubic",
     "crop_pct": 0.875,
     "crop_mode": "center",
@@ -54,7 +55,8 @@ class HubMixin(
         as huggingface_hub's (``revision``, ``cache_dir``, ``local_files_only`` ...), ``map_location``,
         and overrides of the folder's config (``num_classes`` resets the head)."""
         path = Path(pretrained_model_name_or_path).expanduser()
-        if not path.is_dir() and (path.exists() or path.is_absolute() or str(pretrained_model_name_or_path)[0] in ".~"):
+        looks_local = path.exists() or path.is_absolute() or str(pretrained_model_name_or_path).startswith((".", "~"))
+        if looks_local and not path.is_dir():
             raise FileNotFoundError(f"{pretrained_model_name_or_path} is not a model folder")
         return super().from_pretrained(path if path.is_dir() else pretrained_model_name_or_path, **kwargs)
 
@@ -73,7 +75,7 @@ class HubMixin(
         }
         if hasattr(self, "head"):
             derived |= {"num_classes": self.cfg.num_classes, "classifier": "head"}
-        return {"architecture": model_name(self.cfg), **DATA_DEFAULTS, **stored, **derived}
+        return {"architecture": model_name(self.cfg), **PRETRAINED_DEFAULTS, **stored, **derived}
 
     @pretrained_cfg.setter
     def pretrained_cfg(self, values: dict[str, Any]) -> None:
