@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -12,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from starmamba.config import check_choice, check_fraction, check_positive
+from starmamba.models.features import OutputFormat, feature_take_indices
+from starmamba.models.hub import HubMixin
 from starmamba.models.mixer import MambaMixer, scan_orders
 from starmamba.models.pos_embed import sincos_2d
 
@@ -184,11 +188,12 @@ def skips_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or leaf in ("A_log", "D") or leaf.endswith(("_token", "_embed"))
 
 
-class AroundEncoder(nn.Module):
-    """A model built around a MambaMLP ``encoder``: what the optimizer asks of it.
+class AroundEncoder(nn.Module, HubMixin):
+    """A model built around a MambaMLP ``encoder``: what the optimizer asks of it, and Hub folders.
 
     Layer ids for layer-wise lr decay: 0 for the embeddings (the encoder's and the ``embeddings``
     this model adds), i + 1 for block i, ``depth + 1`` for everything after the last block.
+    ``group_matcher`` says the same in timm's form.
     """
 
     embeddings: tuple[str, ...] = ()
@@ -206,6 +211,19 @@ class AroundEncoder(nn.Module):
 
     def skips_weight_decay(self, name: str, param: nn.Parameter) -> bool:
         return skips_weight_decay(name, param)
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's protocol: names of every parameter that is not decayed (see ``skips_weight_decay``)."""
+        return {name for name, param in self.named_parameters() if skips_weight_decay(name, param)}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        """timm's regex-dict parameter groups: the stem (embeddings), each block (its number captured),
+        then the head (everything after the last block). Blocks are the finest unit, so ``coarse``
+        changes nothing, as for timm's ViT."""
+        own = [re.escape(name) for name in self.embeddings]
+        stem = "|".join([r"encoder\.patch_embed\.", r"encoder\.pos_embed$", *own])
+        head = "|".join([r"encoder\.", *own])
+        return {"stem": f"^(?:{stem})", "blocks": r"^encoder\.blocks\.(\d+)\.", "head": f"^(?!{head})"}
 
 
 class MambaMLPClassifier(AroundEncoder):
@@ -228,26 +246,115 @@ class MambaMLPClassifier(AroundEncoder):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.norm = nn.LayerNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
-        if cfg.num_classes:
-            nn.init.trunc_normal_(self.head.weight, std=cfg.head_init_std)
-            nn.init.zeros_(self.head.bias)
+        self.head = self._new_head()
         orders = scan_orders(cfg.grid, cfg.grid, self.cls_index) if cfg.scans == 4 else None
         self.register_buffer("scan_orders", orders, persistent=False)
 
-    def forward_features(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> pooled features (B, dim)."""
+    def _new_head(self) -> nn.Module:
+        """A freshly initialised head for ``cfg.num_classes`` classes (Identity for 0)."""
+        if not self.cfg.num_classes:
+            return nn.Identity()
+        head = nn.Linear(self.cfg.dim, self.cfg.num_classes)
+        nn.init.trunc_normal_(head.weight, std=self.cfg.head_init_std)
+        nn.init.zeros_(head.bias)
+        return head
+
+    def tokens(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> the encoder's input (B, L, dim): patch tokens, the class token at ``cls_index``."""
         x = self.encoder.embed(images)
         if self.cls_index is not None:
             cls = self.cls_token.expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, : self.cls_index], cls, x[:, self.cls_index :]], dim=1)
-        x, _ = self.encoder(x, self.scan_orders)
-        x = self.norm(x)
+        return x
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> every token after the last block and the final norm (B, L, dim), as in timm."""
+        x, _ = self.encoder(self.tokens(images), self.scan_orders)
+        return self.norm(x)
+
+    def pool(self, x: Tensor) -> Tensor:
+        """The readout the config names: tokens (B, L, dim) -> (B, dim)."""
         if self.cfg.global_pool:
             if self.cls_index is None:
                 return x.mean(dim=1)
             return torch.cat([x[:, : self.cls_index], x[:, self.cls_index + 1 :]], dim=1).mean(dim=1)
         return x[:, self.cls_index]
 
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens from ``forward_features`` (B, L, dim) -> logits (B, num_classes), or with ``pre_logits``
+        the pooled features (B, dim)."""
+        x = self.pool(x)
+        return x if pre_logits else self.head(x)
+
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(self.forward_features(images))
+        return self.forward_head(self.forward_features(images))
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features (timm's name)."""
+        return self.cfg.dim
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: bool | str | None = None) -> None:
+        """A fresh head for ``num_classes`` (0: none, ``forward`` gives pooled features); ``global_pool``,
+        when given, replaces the config's readout. The config is updated (and validated) to match."""
+        changes = {"num_classes": num_classes} | ({} if global_pool is None else {"global_pool": global_pool})
+        self.cfg = dataclasses.replace(self.cfg, **changes)
+        self.head = self._new_head().to(self.encoder.patch_embed.proj.weight)
+
+    def patch_tokens(self, x: Tensor) -> Tensor:
+        """(B, L, dim) tokens -> (B, grid*grid, dim): the class token removed, patches row-major."""
+        if self.cls_index is None:
+            return x
+        return torch.cat([x[:, : self.cls_index], x[:, self.cls_index + 1 :]], dim=1)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: OutputFormat = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Feature maps after chosen blocks, for dense heads (detection, segmentation); timm's API.
+
+        ``indices``: None for every block, an int n for the last n, a sequence for those blocks
+        (0-based, negative from the end). ``norm`` applies the final norm to each map. Maps come in
+        block order without the class token: (B, dim, H/p, W/p) for "NCHW", (B, H/p * W/p, dim)
+        for "NLC". Returns ``(forward_features-like final tokens, maps)`` or, with
+        ``intermediates_only``, the maps; ``stop_early`` (or ``intermediates_only``) skips the blocks
+        after the last chosen one, so the final tokens are then that block's, normed.
+        """
+        check_choice("output_fmt", output_fmt, OutputFormat)
+        take, last = feature_take_indices(len(self.encoder.blocks), indices)
+        blocks = self.encoder.blocks[: last + 1] if stop_early or intermediates_only else self.encoder.blocks
+        tokens, maps = self.tokens(x), []
+        for i, block in enumerate(blocks):
+            tokens = block(tokens, self.scan_orders)
+            if i in take:
+                maps.append(self.patch_tokens(self.norm(tokens) if norm else tokens))
+        if output_fmt == "NCHW":
+            grid = self.cfg.grid
+            maps = [m.transpose(1, 2).reshape(m.shape[0], m.shape[2], grid, grid) for m in maps]
+        return maps if intermediates_only else (self.norm(tokens), maps)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (and the final norm, the head) for a model that
+        only serves ``forward_intermediates``; returns the blocks to take. A pruned model no longer
+        matches its config: save it before pruning."""
+        take, last = feature_take_indices(len(self.encoder.blocks), indices)
+        self.encoder.blocks = self.encoder.blocks[: last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take

@@ -1,0 +1,203 @@
+"""timm's model API on the classifier: features/head split, head reset, parameter groups, data config and
+``forward_intermediates`` checked against the blocks run by hand."""
+
+import re
+
+import pytest
+import torch
+
+from starmamba.models import ClassifierConfig, MambaMLPClassifier, create_model
+from starmamba.models.mixer import scan_orders
+from starmamba.train.optim import param_groups
+
+GRID = 4  # 16 px images, 4 px patches
+
+
+def classifier(**overrides) -> MambaMLPClassifier:
+    torch.manual_seed(0)
+    cfg = dict(img_size=16, patch_size=4, dim=32, depth=3, num_classes=5) | overrides
+    model = MambaMLPClassifier(ClassifierConfig(**cfg)).double().eval()
+    with torch.no_grad():
+        model.head.weight.normal_()  # logits that depend on every feature
+    return model
+
+
+def images(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def patch_positions(cls_index: int | None) -> list[int]:
+    """Sequence position of each patch (row-major) when the class token sits at ``cls_index``."""
+    return [p + (cls_index is not None and p >= cls_index) for p in range(GRID * GRID)]
+
+
+def blocks_by_hand(model: MambaMLPClassifier, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every block's output tokens (B, L, dim), and the same as maps (B, dim, H/p, W/p) written out
+    patch by patch, computed from the model's parts without its helpers."""
+    tokens = model.encoder.patch_embed.proj(x).flatten(2).transpose(1, 2) + model.encoder.pos_embed
+    cls_index = {"tail": GRID * GRID, "middle": GRID * GRID // 2, "none": None}[model.cfg.cls_token]
+    if cls_index is not None:
+        cls = model.cls_token.expand(x.shape[0], -1, -1)
+        tokens = torch.cat([tokens[:, :cls_index], cls, tokens[:, cls_index:]], dim=1)
+    orders = scan_orders(GRID, GRID, cls_index) if model.cfg.scans == 4 else None
+    outputs, maps = [], []
+    for block in model.encoder.blocks:
+        tokens = block(tokens, orders)
+        outputs.append(tokens)
+        grid = torch.empty(x.shape[0], model.cfg.dim, GRID, GRID, dtype=x.dtype)
+        for patch, position in enumerate(patch_positions(cls_index)):
+            grid[:, :, patch // GRID, patch % GRID] = tokens[:, position]
+        maps.append(grid)
+    return outputs, maps
+
+
+READOUTS = [(1, "tail", False), (4, "tail", False), (4, "middle", False), (4, "middle", True), (1, "none", True)]
+
+
+@pytest.mark.parametrize("scans,cls_token,global_pool", READOUTS)
+def test_features_head_split_is_the_forward(scans, cls_token, global_pool):
+    model = classifier(scans=scans, cls_token=cls_token, global_pool=global_pool)
+    x = images()
+    outputs, _ = blocks_by_hand(model, x)
+    tokens = model.norm(outputs[-1])
+    features = model.forward_features(x)
+    torch.testing.assert_close(features, tokens, rtol=0, atol=0)
+    cls_index = model.cls_index
+    pooled = tokens[:, patch_positions(cls_index)].mean(dim=1) if global_pool else tokens[:, cls_index]
+    torch.testing.assert_close(model.forward_head(features, pre_logits=True), pooled, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), pooled @ model.head.weight.T + model.head.bias)
+    assert model.num_features == 32 and model.get_classifier() is model.head
+
+
+@pytest.mark.parametrize("scans,cls_token,global_pool", READOUTS)
+def test_forward_intermediates_match_the_blocks_by_hand(scans, cls_token, global_pool):
+    model = classifier(scans=scans, cls_token=cls_token, global_pool=global_pool)
+    x = images()
+    outputs, maps = blocks_by_hand(model, x)
+    final, got = model.forward_intermediates(x)
+    assert [m.shape for m in got] == [(2, 32, GRID, GRID)] * 3
+    for mine, theirs in zip(got, maps, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+
+    # The last two blocks, normed, as (B, H/p * W/p, dim).
+    got = model.forward_intermediates(x, indices=2, norm=True, output_fmt="NLC", intermediates_only=True)
+    normed = [model.norm(m.flatten(2).transpose(1, 2)) for m in maps[1:]]
+    assert len(got) == 2
+    for mine, theirs in zip(got, normed, strict=True):
+        torch.testing.assert_close(mine, theirs)
+
+    # Blocks by index (negative from the end), in block order; stopping early ends at the last of them.
+    final, got = model.forward_intermediates(x, indices=[-3, 1], stop_early=True)
+    for mine, theirs in zip(got, maps[:2], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    torch.testing.assert_close(final, model.norm(outputs[1]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"indices": 4}, r"indices=4 asks for the last 4 blocks; the model has 1..3"),
+        ({"indices": [0, 3]}, r"block indices must lie in -3..2"),
+        ({"indices": []}, r"block indices must lie in"),
+        ({"output_fmt": "NHWC"}, r"output_fmt='NHWC' is not one of 'NCHW', 'NLC'"),
+    ],
+)
+def test_forward_intermediates_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        classifier().forward_intermediates(images(), **kwargs)
+
+
+def test_prune_intermediate_layers_keeps_the_chosen_maps():
+    model = classifier(cls_token="middle")
+    x = images()
+    _, maps = blocks_by_hand(model, x)
+    assert model.prune_intermediate_layers([0, 1]) == [0, 1]
+    assert len(model.encoder.blocks) == 2 and model.num_classes == 0
+    got = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    for mine, theirs in zip(got, maps[:2], strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_reset_classifier_replaces_the_head_and_the_config():
+    model = classifier(cls_token="middle")
+    x = images()
+    pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+    model.reset_classifier(7)
+    assert model.cfg.num_classes == 7 and model.num_classes == 7 and model.get_classifier().out_features == 7
+    assert model.head.weight.dtype == torch.float64 and model.head.weight.std() < 1e-4  # head_init_std
+    torch.testing.assert_close(model(x), pooled @ model.head.weight.T + model.head.bias)
+
+    model.reset_classifier(0)
+    assert isinstance(model.get_classifier(), torch.nn.Identity)
+    torch.testing.assert_close(model(x), pooled, rtol=0, atol=0)  # no head: the pooled features
+
+    model.reset_classifier(0, global_pool=True)
+    tokens = model.forward_features(x)
+    torch.testing.assert_close(model(x), tokens[:, patch_positions(model.cls_index)].mean(dim=1))
+    with pytest.raises(ValueError, match="needs global_pool=True"):
+        classifier(cls_token="none", global_pool=True).reset_classifier(3, global_pool=False)
+
+
+def timm_layer_of(names: list[str], matcher: dict[str, str]) -> dict[str, int]:
+    """timm's ``group_with_matcher`` rule: the first regex that matches gives the ordinal
+    (its key's position, then the numbers it captured); unmatched names go last; ordinals are ranked."""
+    ordinals = {}
+    for name in names:
+        ordinals[name] = (float("inf"),)
+        for position, pattern in enumerate(matcher.values()):
+            match = re.match(pattern, name)
+            if match:
+                ordinals[name] = (position, *map(float, match.groups()))
+                break
+    rank = {ordinal: i for i, ordinal in enumerate(sorted(set(ordinals.values())))}
+    return {name: rank[ordinal] for name, ordinal in ordinals.items()}
+
+
+GROUPED = {
+    "middle": lambda: classifier(cls_token="middle"),
+    "pooled": lambda: classifier(cls_token="none", global_pool=True, scans=1),
+    "star": lambda: create_model(
+        "star_tiny",
+        img_size=16,
+        patch_size=4,
+        dim=32,
+        depth=2,
+        images_per_sequence=1,
+        cluster_size=2,
+        separator_value="embedding",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GROUPED))
+def test_group_matcher_gives_the_layer_ids(kind):
+    model = GROUPED[kind]()
+    names = [name for name, _ in model.named_parameters()]
+    for coarse in (False, True):
+        layers = timm_layer_of(names, model.group_matcher(coarse=coarse))
+        assert layers == {name: model.layer_id(name) for name in names}
+    assert max(layers.values()) == model.num_layers - 1  # stem, one group per block, head
+
+
+def test_no_weight_decay_is_what_the_optimizer_exempts():
+    model = create_model("mambamlp_tiny", img_size=16, patch_size=4, dim=32, depth=2, cls_token="middle")
+    exempt = model.no_weight_decay()
+    assert {"cls_token", "encoder.pos_embed", "encoder.blocks.1.mixer.directions.3.A_log"} <= exempt
+    assert "encoder.blocks.1.mixer.in_proj.weight" not in exempt and "head.weight" not in exempt
+    undecayed = {name for group in param_groups(model, 0.05) if group["weight_decay"] == 0 for name in group["names"]}
+    assert exempt == undecayed
+
+
+def test_pretrained_cfg_is_timms_data_config():
+    model = create_model("mambamlp_tiny", img_size=48, patch_size=4, dim=32, depth=2, num_classes=10)
+    cfg = model.pretrained_cfg
+    assert cfg["architecture"] == "mambamlp_tiny" and model.default_cfg == cfg
+    assert cfg["input_size"] == (3, 48, 48) and cfg["num_classes"] == 10 and cfg["classifier"] == "head"
+    assert (cfg["interpolation"], cfg["crop_pct"], cfg["crop_mode"]) == ("bicubic", 0.875, "center")
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    model.pretrained_cfg = {**cfg, "mean": [0.5] * 3, "input_size": (3, 1, 1)}
+    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    assert model.pretrained_cfg["input_size"] == (3, 48, 48)  # follows the model, not what was stored
+    model.reset_classifier(4)
+    assert model.pretrained_cfg["num_classes"] == 4
