@@ -177,7 +177,7 @@ class FinetuneConfig(RunConfig):
         if not 0 < self.layer_decay <= 1:
             raise ValueError(
                 f"layer_decay={self.layer_decay!r} must lie in (0, 1]: 0 freezes every encoder block "
-                "(block i learns at lr * layer_decay ** (depth + 1 - i)); 1.0 disables the decay"
+                "(each layer learns at layer_decay times the lr of the one above it); 1.0 disables the decay"
             )
         for name in (
             "mixup_prob",
