@@ -2,9 +2,13 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+import starmamba
 from starmamba.cli import main, parse_job
 from starmamba.train.config import FinetuneConfig, PretrainConfig, preset, to_dict
 
@@ -97,3 +101,104 @@ def test_list_models(capsys):
     assert main(["list-models"]) == 0
     out = capsys.readouterr().out
     assert "mambamlp_base" in out and "85.0M" in out and "star_huge" in out
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_a_malformed_config_file_is_named(capsys, tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text('{"epochs": 3,}')
+    assert main(["pretrain", "--config", str(config)]) == 2
+    assert one_line_error(capsys).startswith(f"starmamba pretrain: error: config file {config} is not valid JSON: ")
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"arch": {"dimm": 96}}, "unknown option(s) for StarConfig: arch.dimm"),
+        ({"epochs": "ten"}, "epochs='ten' is not of type int"),
+        ({"arch": {"depth": 2.5}}, "arch.depth=2.5 is not of type int"),
+        ({"betas": [0.9]}, "betas=(0.9,) is not of type tuple[float, float]"),
+        ({"limit_train": "all"}, "limit_train='all' is not of type int | None"),
+        ({"arch": 4}, "arch=4 is not a JSON object of StarConfig options"),
+        ({"epochs": -1}, "epochs=-1 must be > 0"),
+    ],
+)
+def test_a_config_file_with_a_wrong_option_is_named(capsys, tmp_path, values, message):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(values))
+    assert main(["pretrain", "--config", str(config)]) == 2
+    assert one_line_error(capsys) == f"starmamba pretrain: error: config file {config}: {message}"
+
+
+def test_a_missing_config_file_is_named(capsys, tmp_path):
+    assert main(["finetune", "--config", str(tmp_path / "nope.json")]) == 2
+    assert one_line_error(capsys).endswith(f"config file {tmp_path / 'nope.json'} does not exist")
+
+
+def test_overwrite_is_never_read_from_a_config_file(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(to_dict(dataclasses.replace(PretrainConfig(), overwrite=True))))
+    assert parse_job("pretrain", PretrainConfig, "star", ["--config", str(config)]).overwrite is False
+    assert parse_job("pretrain", PretrainConfig, "star", ["--config", str(config), "--overwrite"]).overwrite is True
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["finetune", "--layer_decay", "0"], "layer_decay=0.0 must lie in (0, 1]: 0 freezes every encoder block"),
+        (["pretrain", "--in_chans", "1"], "in_chans=1: the data loaders give RGB images"),
+        (["finetune", "--in_chans", "1"], "in_chans=1: the data loaders give RGB images"),
+        (["finetune", "--max_unreadable", "2"], "max_unreadable=2.0 must lie in [0, 1]"),
+    ],
+)
+def test_refused_options_are_refused_at_start(capsys, args, message):
+    assert main(args) == 2  # tyro reports a refused flag in a box of its own, as for every option
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_device_cuda_without_a_gpu(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    args = ["--device", "cuda", "--data_path", "synthetic", "--output_dir", str(tmp_path / "run")]
+    assert main(["pretrain", *args, "--batch_size", "8"]) == 2
+    assert one_line_error(capsys) == (
+        "starmamba pretrain: error: --device cuda: PyTorch sees no CUDA device here; use --device cpu (or auto)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_command_is_an_error(capsys):
+    assert main([]) == 2
+    assert capsys.readouterr().err.startswith("usage: starmamba COMMAND")
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"starmamba {starmamba.__version__}\n"
+
+
+def test_list_models_help_and_bad_options(capsys):
+    assert main(["list-models", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: starmamba list-models") and "mambamlp_base" not in out
+    assert main(["list-models", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["pretrain", "--help"], ["--help"], ["list-models"]])
+def test_output_into_a_closed_pipe_is_quiet(args):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone, as `| head` does after its lines: every write fails
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "starmamba.cli", *args], stdout=write_end, stderr=subprocess.PIPE, timeout=120
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == b""
+    assert result.returncode == 141

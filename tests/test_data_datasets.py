@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from starmamba.data import (
     SyntheticImages,
     build_dataset,
 )
-from starmamba.data.datasets import read_idx
+from starmamba.data.datasets import UnreadableImagesError, read_idx
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:
@@ -175,15 +177,21 @@ def test_image_folder_classes_labels_and_extensions(folder):
 
 
 def test_corrupt_image_is_skipped_with_a_warning(folder):
-    train = ImageFolder(folder, "train")
-    with pytest.warns(UserWarning, match="c.jpg"):
+    train = ImageFolder(folder, "train", max_unreadable=0.5)
+    with pytest.warns(UserWarning, match="c.jpg") as caught:
         img, label = train[2]
     assert (label, np.array(img)[0, 0, 0]) == (1, 20)  # the next readable sample
+    assert train.num_skipped == 1
+    assert "np.str_" not in str(caught[0].message)
+    assert str(caught[0].message).startswith(f"skipping unreadable image {folder / 'train' / 'cat' / 'c.jpg'}: ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file already known to be unreadable is neither warned about nor recounted
+        assert train[2][1] == 1
     assert train.num_skipped == 1
 
 
 def test_skips_are_counted_across_dataloader_workers(folder):
-    train = ImageFolder(folder, "train")
+    train = ImageFolder(folder, "train", max_unreadable=0.5)
 
     def collate(batch):
         # The first pixel identifies the image read.
@@ -196,7 +204,7 @@ def test_skips_are_counted_across_dataloader_workers(folder):
 
 
 def test_augmented_passes_the_skip_count_through(folder):
-    data = Augmented(ImageFolder(folder, "train"), EvalTransform(4, (0.5,) * 3, (0.5,) * 3))
+    data = Augmented(ImageFolder(folder, "train", max_unreadable=0.5), EvalTransform(4, (0.5,) * 3, (0.5,) * 3))
     with pytest.warns(UserWarning, match="c.jpg"):
         image, label = data[2]
     assert image.shape == (3, 4, 4) and label == 1 and data.num_skipped == 1
@@ -208,12 +216,102 @@ def test_every_image_unreadable_raises(tmp_path):
         path = tmp_path / "train" / "cls" / f"{name}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"garbage")
-    data = ImageFolder(tmp_path, "train")
+    data = ImageFolder(tmp_path, "train", max_unreadable=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match="none of the 2 images"):
+        with pytest.raises(UnreadableImagesError, match="none of the 2 images"):
             data[0]
     assert data.num_skipped == 2
+
+
+def unreadable_folder(root: Path, readable: int) -> Path:
+    """root/train/cls: ``readable`` good PNGs, then one of each kind of unreadable file."""
+    for i in range(readable):
+        save_image(root / "train" / "cls" / f"{i:03d}.png", i)
+    good = (root / "train" / "cls" / "000.png").read_bytes()
+    (root / "train" / "cls" / "x_empty.png").write_bytes(b"")
+    (root / "train" / "cls" / "x_truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "train" / "cls" / "x_text.jpg").write_text("not an image at all")
+    return root
+
+
+def test_unreadable_images_are_counted_once_each(tmp_path):
+    data = ImageFolder(unreadable_folder(tmp_path, readable=7), "train", max_unreadable=0.3)
+    with pytest.warns(UserWarning) as caught:
+        seen = [data[i][1] for i in range(len(data))] + [data[i][1] for i in range(len(data))]  # two epochs
+    assert len(seen) == 20 and data.num_skipped == 3
+    assert sorted(Path(str(w.message).split()[3].rstrip(":")).name for w in caught) == [
+        "x_empty.png", "x_text.jpg", "x_truncated.png",
+    ]  # fmt: skip
+
+
+def test_too_many_unreadable_images_is_a_clear_error(tmp_path):
+    root = unreadable_folder(tmp_path, readable=7)  # 3 of 10 unreadable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        allowed = ImageFolder(root, "train", max_unreadable=0.3)
+        assert [allowed[i][1] for i in range(10)] == [0] * 10 and allowed.num_skipped == 3  # 30% is allowed
+        data = ImageFolder(root, "train", max_unreadable=0.25)
+        assert data[6][1] == 0 and data.num_skipped == 0
+        with pytest.raises(UnreadableImagesError, match=r"3 of the 10 images under .*train are unreadable \(30.0%\)"):
+            data[7]  # skipping forward meets all three
+        assert data.num_skipped == 3
+        with pytest.raises(UnreadableImagesError, match=r"max_unreadable=0\.25"):
+            list(DataLoader(ImageFolder(root, "train", max_unreadable=0.25), batch_size=10))
+        ImageFolder(root, "train").check_unreadable(count=0)
+        with pytest.raises(UnreadableImagesError, match="1 of the 10"):  # default: 1% (a count summed over ranks)
+            ImageFolder(root, "train").check_unreadable(count=1)
+    with pytest.raises(ValueError, match=r"max_unreadable=1\.5 must lie in"):
+        build_dataset(str(root), "train", max_unreadable=1.5)
+
+
+def test_unreadable_error_from_a_loader_worker_is_one_line(tmp_path):
+    data = ImageFolder(unreadable_folder(tmp_path, readable=2), "train", max_unreadable=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(UnreadableImagesError) as caught:
+            list(DataLoader(data, batch_size=5, num_workers=1, collate_fn=list))
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("1 of the 5 images under") and "max_unreadable=0 allows" in message
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257 * 10, 257 * 128 + 100, 65535], [1000, 30000, 50000, 65534]], dtype=np.uint16)
+    save_path = tmp_path / "train" / "cls" / "deep.png"
+    save_path.parent.mkdir(parents=True)
+    Image.fromarray(values).save(save_path)
+    Image.fromarray(values).save(tmp_path / "train" / "cls" / "deep.tif")
+    data = ImageFolder(tmp_path, "train")
+    expected = np.array([[0, 10, 128, 255], [4, 117, 195, 255]], dtype=np.uint8)  # round(v * 255 / 65535)
+    for i in range(2):
+        img, _ = data[i]
+        pixels = np.array(img)
+        assert img.mode == "RGB" and pixels.dtype == np.uint8
+        np.testing.assert_array_equal(pixels, np.repeat(expected[..., None], 3, axis=2))
+
+
+def png_rgb16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit-per-sample RGB PNG written by hand (Pillow cannot write one): (H, W, 3) uint16."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+
+
+def test_sixteen_bit_rgb_png_keeps_its_colours(tmp_path):
+    pixels = np.array([[[65535, 0, 257 * 100], [257 * 7, 257 * 200 + 200, 65535]]], dtype=np.uint16)
+    path = tmp_path / "train" / "cls" / "rgb48.png"
+    path.parent.mkdir(parents=True)
+    png_rgb16(path, pixels)
+    img, _ = ImageFolder(tmp_path, "train")[0]
+    # 51600 = 257 * 200 + 200 -> 201 (51600 * 255 / 65535 = 200.8; its high byte is 0xC9)
+    np.testing.assert_array_equal(np.array(img), [[[255, 0, 100], [7, 201, 255]]])
 
 
 def test_image_folder_errors_name_the_path(folder, tmp_path):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import os
 import sys
 from collections.abc import Callable
 
 import tyro
 
+from starmamba import __version__
 from starmamba.models import SIZES, list_models
 from starmamba.train.config import (
     PRESETS,
@@ -21,7 +23,7 @@ from starmamba.train.config import (
 )
 from starmamba.train.distributed import end_process
 
-USAGE = """usage: starmamba COMMAND [OPTIONS]
+USAGE = """usage: starmamba COMMAND [OPTIONS]   (or starmamba --version)
 
 commands:
   pretrain      autoregressive pretraining (STAR by default; ARM with --preset arm_base_in1k)
@@ -89,6 +91,10 @@ def cmd_list_models(argv: list[str]) -> None:
 
     from starmamba.models import build_model, model_config
 
+    argparse.ArgumentParser(
+        prog="starmamba list-models",
+        description="The model presets (--model NAME): width, depth, scan directions, image size, parameters.",
+    ).parse_args(argv)
     print(f"{'model':16s} {'width':>5s} {'depth':>5s} {'scans':>5s} {'img':>4s}  parameters")
     for name in list_models():
         cfg = model_config(name)
@@ -120,9 +126,26 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    try:
+        code = _run(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, so that a reader gone away (`| head`) is caught below
+    except BrokenPipeError:
+        # As Unix tools do when their reader closes the pipe: stop quietly. stdout goes to devnull
+        # so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
+    return code
+
+
+def _run(argv: list[str]) -> int:
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(USAGE)
+        return 0
+    if argv[0] == "--version":
+        print(f"starmamba {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -135,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         COMMANDS[command](rest)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, PermissionError) as error:
         print(f"starmamba {command}: error: {error}", file=sys.stderr)
         return 2
     except SystemExit as done:  # tyro exits after --help and after a config it refused (already printed)

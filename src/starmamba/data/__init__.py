@@ -6,6 +6,7 @@ from starmamba.data.datasets import (
     FashionMNIST,
     ImageFolder,
     SyntheticImages,
+    UnreadableImagesError,
     build_dataset,
 )
 from starmamba.data.mixup import MixupCutmix, soft_target_cross_entropy
@@ -32,6 +33,7 @@ __all__ = [
     "RandAugment",
     "RandomErasing",
     "SyntheticImages",
+    "UnreadableImagesError",
     "build_dataset",
     "parse_rand_augment",
     "sample_rng",

@@ -39,6 +39,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 SYNTHETIC_SIZES = {"train": 512, "val": 128}
+MAX_UNREADABLE = 0.01
+"""Default fraction of a split's images that may be unreadable (skipped) before loading stops."""
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,39 @@ def _check_split(split: str) -> None:
 def _check_limit(limit: int | None) -> None:
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be a positive number of samples or None, got {limit}")
+
+
+def _check_max_unreadable(max_unreadable: float) -> None:
+    if not 0.0 <= max_unreadable <= 1.0:
+        raise ValueError(f"max_unreadable={max_unreadable!r} must lie in [0, 1] (a fraction of the split)")
+
+
+class UnreadableImagesError(ValueError):
+    """More of a split's images are unreadable than ``max_unreadable`` allows."""
+
+    def __init__(self, message: str) -> None:
+        # A DataLoader re-raises a worker's error as its type with "Caught ... Original Traceback ..."
+        # as the message; the traceback's last line holds the message the worker raised.
+        if message.startswith("Caught ") and f"{type(self).__name__}: " in message:
+            message = message.rsplit(f"{type(self).__name__}: ", 1)[1].strip()
+        super().__init__(message)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``img``, high bit depths scaled down rather than clipped.
+
+    Pillow's own conversion clips 16-bit values at 255 (a 16-bit image comes out nearly white).
+    Integer modes (``I;16*``, and ``I``, which is how Pillow widens 16-bit data) are read as
+    16-bit, 0..65535 -> 0..255; float images (``F``) as 0..1. 16-bit RGB(A) PNGs already open as
+    8-bit RGB(A) (Pillow keeps each sample's high byte).
+    """
+    if img.mode in _SIXTEEN_BIT:
+        pixels = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) * (255 / 65535)
+        img = Image.fromarray(np.round(pixels).astype(np.uint8))
+    elif img.mode == "F":
+        pixels = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        img = Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
@@ -156,16 +192,25 @@ def _image_files(class_dir: Path) -> list[str]:
 
 
 class ImageFolder(Dataset):
-    """ImageNet layout ``root/{train,val}/<class>/<image>``; items are (RGB PIL image, class index).
+    """ImageNet layout ``root/{train,val}/<class>/<image>``; items are (8-bit RGB PIL image, class index).
 
-    Classes are the sorted subdirectories of ``root/train`` for both splits. An unreadable image is
-    skipped with a warning for the next readable one, and counted in ``num_skipped`` across workers.
+    Classes are the sorted subdirectories of ``root/train`` for both splits. An unreadable image
+    (truncated, empty, not an image) is skipped for the next readable one, with one warning per
+    file, and counted once in ``num_skipped`` across DataLoader workers; once more than
+    ``max_unreadable`` of the split is unreadable, loading raises :class:`UnreadableImagesError`.
     ``limit`` keeps that many images evenly spaced over the sorted list, so every class stays represented.
     """
 
-    def __init__(self, root: str | Path, split: Split = "train", limit: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        split: Split = "train",
+        limit: int | None = None,
+        max_unreadable: float = MAX_UNREADABLE,
+    ) -> None:
         _check_split(split)
         _check_limit(limit)
+        _check_max_unreadable(max_unreadable)
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
@@ -195,12 +240,38 @@ class ImageFolder(Dataset):
         self.root = root
         self.split = split
         self.info = DatasetInfo(root.name, len(classes), IMAGENET_MEAN, IMAGENET_STD, tuple(classes))
+        self.max_unreadable = max_unreadable
+        # Shared with DataLoader workers: which images were found unreadable, and how many.
+        self._unreadable = multiprocessing.RawArray("b", len(self.paths))
         self._skipped = multiprocessing.Value("q", 0)
 
     @property
     def num_skipped(self) -> int:
-        """Unreadable images skipped so far, summed over this process and its DataLoader workers."""
+        """Distinct unreadable images met so far, by this process and its DataLoader workers."""
         return self._skipped.value
+
+    def check_unreadable(self, count: int | None = None) -> None:
+        """Raise :class:`UnreadableImagesError` when ``count`` (default ``num_skipped``) is over the limit.
+
+        Under DDP each rank meets only its share of the split: pass the count summed over ranks.
+        """
+        count = self.num_skipped if count is None else count
+        if count > self.max_unreadable * len(self):
+            raise UnreadableImagesError(
+                f"{count} of the {len(self)} images under {self.root / self.split} are unreadable "
+                f"({count / len(self):.1%}), more than max_unreadable={self.max_unreadable:g} allows; "
+                "fix or remove them, or raise --max_unreadable"
+            )
+
+    def _skip(self, i: int, err: Exception) -> None:
+        with self._skipped.get_lock():
+            first = not self._unreadable[i]
+            if first:
+                self._unreadable[i] = 1
+                self._skipped.value += 1
+        if first:
+            warnings.warn(f"skipping unreadable image {self.paths[i]}: {err}", stacklevel=3)
+        self.check_unreadable()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -210,14 +281,15 @@ class ImageFolder(Dataset):
         index = range(count)[index]
         for offset in range(count):
             i = (index + offset) % count
+            if self._unreadable[i]:
+                continue
             try:
-                with Image.open(self.paths[i]) as img:
-                    return img.convert("RGB"), int(self.labels[i])
+                # str(): PIL names the file by repr() in its errors, which shows np.str_('...').
+                with Image.open(str(self.paths[i])) as img:
+                    return to_rgb(img), int(self.labels[i])
             except _UNREADABLE as err:
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
-                warnings.warn(f"skipping unreadable image {self.paths[i]}: {err}", stacklevel=2)
-        raise RuntimeError(f"none of the {count} images under {self.root / self.split} can be read")
+                self._skip(i, err)
+        raise UnreadableImagesError(f"none of the {count} images under {self.root / self.split} can be read")
 
 
 class SyntheticImages(Dataset):
@@ -257,10 +329,16 @@ def _holds_idx_files(path: Path) -> bool:
     return any((path / name).is_file() or (path / f"{name}.gz").is_file() for name in names)
 
 
-def build_dataset(name_or_path: str, split: Split, limit: int | None = None) -> Dataset:
-    """'fashion_mnist', 'synthetic', a directory of Fashion-MNIST IDX files, or an ImageNet-style folder."""
+def build_dataset(
+    name_or_path: str, split: Split, limit: int | None = None, max_unreadable: float = MAX_UNREADABLE
+) -> Dataset:
+    """'fashion_mnist', 'synthetic', a directory of Fashion-MNIST IDX files, or an ImageNet-style folder.
+
+    ``max_unreadable``: the fraction of an image folder's split that may be unreadable (see ImageFolder).
+    """
     _check_split(split)
     _check_limit(limit)
+    _check_max_unreadable(max_unreadable)
     if name_or_path == "fashion_mnist":
         return FashionMNIST(None, split, limit)
     if name_or_path == "synthetic":
@@ -273,4 +351,4 @@ def build_dataset(name_or_path: str, split: Split, limit: int | None = None) -> 
         )
     if _holds_idx_files(path):
         return FashionMNIST(path, split, limit)
-    return ImageFolder(path, split, limit)
+    return ImageFolder(path, split, limit, max_unreadable)

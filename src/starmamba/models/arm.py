@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from starmamba.errors import load_error_reason
 from starmamba.models.backbone import ClassifierConfig
 
 _DIRECTIONS = {None: 0, "_b": 1, "_c": 2, "_c_b": 3}  # row fwd, row bwd, column fwd, column bwd
@@ -47,8 +48,11 @@ _DECODER = re.compile(r"(dec_block|enc2dec|norm_[1-4]|ar_norm|ar_pred)\..+|ar_to
 
 def read_arm_checkpoint(path: str | Path) -> dict:
     """Load an ARM ``.pth`` safely: tensors and plain values only, plus its pickled argparse.Namespace."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load fails on a file it cannot read in many types
+        raise ValueError(f"{path} is not a PyTorch checkpoint that loads safely ({load_error_reason(err)})") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise ValueError(f"{path} is not an ARM checkpoint: expected a dict with a 'model' state dict")
     return checkpoint

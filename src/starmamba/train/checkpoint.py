@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from starmamba.errors import load_error_reason
 
 FORMAT = "starmamba"
 POINTER = "latest"
@@ -113,17 +115,37 @@ def load_weights(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no weights at {file}")
-    with safe_open(file, framework="pt", device="cpu") as f:
-        metadata: dict[str, Any] = dict(f.metadata() or {})
-        state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-    if "config" in metadata:
-        metadata["config"] = json.loads(metadata["config"])
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            metadata: dict[str, Any] = dict(f.metadata() or {})
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        if "config" in metadata:
+            metadata["config"] = json.loads(metadata["config"])
+    except (SafetensorError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is truncated or not a safetensors file ({load_error_reason(err)})") from None
     return state, metadata
 
 
 def load_training_state(checkpoint_dir: str | Path) -> dict:
     """The training state of a checkpoint directory, its tensors on the CPU."""
-    return torch.load(Path(checkpoint_dir) / "training_state.pt", map_location="cpu", weights_only=True)
+    checkpoint_dir = Path(checkpoint_dir)
+    file = checkpoint_dir / "training_state.pt"
+    if checkpoint_dir.is_file():
+        raise ValueError(
+            f"{checkpoint_dir} is a weights file, not a training checkpoint; resume from a checkpoint "
+            "directory (<run>/checkpoints/step-*) or with --resume auto"
+        )
+    if not file.is_file():
+        hint = (
+            "; it is a run folder: resume with --resume auto and --output_dir " + str(checkpoint_dir)
+            if (checkpoint_dir / "checkpoints").is_dir()
+            else ""
+        )
+        raise FileNotFoundError(f"{checkpoint_dir} is not a training checkpoint: it has no training_state.pt{hint}")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load fails on a file it cannot read in many types
+        raise ValueError(f"{file} is truncated or corrupt ({load_error_reason(err)})") from None
 
 
 def capture_rng_state() -> dict:

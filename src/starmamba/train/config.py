@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tyro
+from typeguard import TypeCheckError, check_type
 
 from starmamba.config import check_choice, check_fraction, check_positive
+from starmamba.data.datasets import MAX_UNREADABLE
 from starmamba.models import ClassifierConfig, StarConfig, model_config
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -56,6 +59,8 @@ class RunConfig:
     """'auto' takes CUDA when present (bf16 autocast there, fp32 on CPU)"""
     resume: str = ""
     """'' starts afresh, 'auto' continues from the latest checkpoint in output_dir, or a checkpoint directory"""
+    overwrite: bool = False
+    """replace a run already in output_dir (its checkpoints, metrics, weights, plots); ignored in --config files"""
     ckpt_every: int = 0
     """optimizer steps between checkpoints (0: only at the end of every epoch)"""
     keep_checkpoints: int = 1
@@ -63,6 +68,8 @@ class RunConfig:
     """use only the first N training images (quick runs)"""
     limit_val: int | None = None
     """use only the first N validation images"""
+    max_unreadable: float = MAX_UNREADABLE
+    """fraction of a split's images that may be unreadable (skipped, counted) before the run stops"""
     log_every: int = 20
     """optimizer steps between metric lines"""
     tensorboard: bool = True
@@ -82,6 +89,19 @@ class RunConfig:
             check_positive("clip_grad", self.clip_grad)
         for beta in self.betas:
             check_fraction("betas", beta)
+        check_fraction("max_unreadable", self.max_unreadable)
+
+
+def check_rgb(arch: StarConfig | ClassifierConfig) -> None:
+    """Refuse a model that does not take the 3 channels every data loader gives."""
+    # Grayscale data (Fashion-MNIST) is loaded as 3 equal channels, and every transform, RandAugment
+    # and the normalisation statistics work on RGB, so a model of other channel counts is refused
+    # here, before anything is loaded, rather than at its first batch.
+    if arch.in_chans != 3:
+        raise ValueError(
+            f"in_chans={arch.in_chans}: the data loaders give RGB images (grayscale ones as 3 equal channels); "
+            "use in_chans=3"
+        )
 
 
 @dataclass
@@ -100,6 +120,7 @@ class PretrainConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_rgb(self.arch)
         check_fraction("min_crop_scale", self.min_crop_scale)
         per_process = self.batch_size
         if per_process % self.arch.images_per_sequence:
@@ -152,8 +173,13 @@ class FinetuneConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_rgb(self.arch)
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(
+                f"layer_decay={self.layer_decay!r} must lie in (0, 1]: 0 freezes every encoder block "
+                "(each layer learns at layer_decay times the lr of the one above it); 1.0 disables the decay"
+            )
         for name in (
-            "layer_decay",
             "mixup_prob",
             "mixup_switch_prob",
             "smoothing",
@@ -186,6 +212,11 @@ class EvaluateConfig:
     crop_pct: float | None = None
     """centre-crop fraction; None: the finetuning run's own (its config.json), else 0.875"""
     limit_val: int | None = None
+    max_unreadable: float = MAX_UNREADABLE
+    """fraction of the validation images that may be unreadable (skipped, counted) before evaluation stops"""
+
+    def __post_init__(self) -> None:
+        check_fraction("max_unreadable", self.max_unreadable)
 
 
 def _fashion_mnist_star() -> PretrainConfig:
@@ -244,27 +275,59 @@ def to_dict(config) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def from_dict(config_type: type, values: dict):
-    """Rebuild a config from :func:`to_dict`'s output; unknown keys are an error naming them."""
-    known = {f.name: f for f in dataclasses.fields(config_type)}
-    unknown = sorted(set(values) - set(known))
+def _typed(config_type: type, values: dict, where: str) -> dict:
+    """``values`` (JSON lists as tuples) after checking that each is an option of ``config_type`` of its type."""
+    hints = typing.get_type_hints(config_type)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ValueError(f"unknown option(s) for {config_type.__name__}: {', '.join(unknown)}")
-    kwargs = dict(values)
+        names = ", ".join(where + key for key in unknown)
+        raise ValueError(f"unknown option(s) for {config_type.__name__}: {names}")
+    typed = {}
+    for key, value in values.items():
+        value = tuple(value) if isinstance(value, list) else value
+        if key != "arch":
+            try:
+                check_type(value, hints[key])
+            except TypeCheckError:
+                hint = hints[key]
+                expected = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+                raise ValueError(f"{where}{key}={value!r} is not of type {expected}") from None
+        typed[key] = value
+    return typed
+
+
+def from_dict(config_type: type, values: dict):
+    """Rebuild a config from :func:`to_dict`'s output; an unknown key or a value of the wrong type is an error."""
+    kwargs = _typed(config_type, values, "")
     if "arch" in kwargs:
         arch_type = StarConfig if config_type is PretrainConfig else ClassifierConfig
-        kwargs["arch"] = arch_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs["arch"].items()})
-    for key, value in kwargs.items():
-        if isinstance(value, list):
-            kwargs[key] = tuple(value)
+        if not isinstance(kwargs["arch"], dict):
+            raise ValueError(f"arch={kwargs['arch']!r} is not a JSON object of {arch_type.__name__} options")
+        kwargs["arch"] = arch_type(**_typed(arch_type, kwargs["arch"], "arch."))
     return config_type(**kwargs)
 
 
 def load_config_file(path: str | Path, config_type: type, base):
-    """``base`` with the options of a JSON config file applied (e.g. a run's saved config.json)."""
-    values = json.loads(Path(path).read_text())
+    """``base`` with the options of a JSON config file applied (e.g. a run's saved config.json).
+
+    ``overwrite`` in the file is ignored: replacing a run is asked for on the command line each time,
+    so that rerunning a saved config.json never replaces its run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"config file {path} is not valid JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} holds a JSON {type(values).__name__}, not an object of options")
+    values.pop("overwrite", None)
     merged = to_dict(base)
-    if "arch" in values:
+    if isinstance(values.get("arch"), dict):
         values["arch"] = {**merged["arch"], **values["arch"]}
     merged.update(values)
-    return from_dict(config_type, merged)
+    try:
+        return from_dict(config_type, merged)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"config file {path}: {err}") from None

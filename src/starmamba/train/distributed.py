@@ -32,7 +32,7 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for, but PyTorch sees no CUDA device")
+        raise ValueError("--device cuda: PyTorch sees no CUDA device here; use --device cpu (or auto)")
     return torch.device(choice)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from starmamba.data import Augmented, EvalTransform, build_dataset
-from starmamba.train.config import EvaluateConfig
+from starmamba.train.config import EvaluateConfig, check_rgb
 from starmamba.train.distributed import Processes, ShardSampler, all_reduce_sum, joined
 from starmamba.train.loading import load_classifier
 
@@ -58,7 +58,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
     """Load a classifier checkpoint (ours or ARM's) and print its top-1 / top-5 on the validation split."""
     with joined(cfg.device) as processes:
         model, description = load_classifier(cfg.checkpoint, ema=cfg.ema)
-        dataset = build_dataset(cfg.data_path, "val", limit=cfg.limit_val)
+        check_rgb(model.cfg)
+        dataset = build_dataset(cfg.data_path, "val", limit=cfg.limit_val, max_unreadable=cfg.max_unreadable)
         if dataset.info.num_classes != model.cfg.num_classes:
             raise ValueError(
                 f"{cfg.checkpoint} classifies {model.cfg.num_classes} classes but {cfg.data_path} has "
@@ -68,9 +69,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
         transform = EvalTransform(model.cfg.img_size, dataset.info.mean, dataset.info.std, crop_pct=crop_pct)
         loader = eval_loader(Augmented(dataset, transform), cfg.batch_size, cfg.num_workers, processes)
         result = evaluate(model.to(processes.device), loader, processes.device)
+        skipped = int(all_reduce_sum(torch.tensor([getattr(dataset, "num_skipped", 0)], dtype=torch.float64)).item())
+        if skipped:
+            dataset.check_unreadable(skipped)
+            result["skipped_images"] = skipped
         if processes.is_main:
             print(
-                f"{description} on {cfg.data_path} ({len(dataset)} images): top-1 {result['acc1']:.2f}%  "
-                f"top-5 {result['acc5']:.2f}%  loss {result['val_loss']:.4f}"
+                f"{description} on {cfg.data_path} ({len(dataset)} images"
+                + (f", {skipped} unreadable and skipped" if skipped else "")
+                + f"): top-1 {result['acc1']:.2f}%  top-5 {result['acc5']:.2f}%  loss {result['val_loss']:.4f}"
             )
         return result
