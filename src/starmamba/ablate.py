@@ -20,7 +20,8 @@ from typing import Annotated, Literal
 
 import tyro
 
-from starmamba.experiments import Scale, finetune, pretrain, write_json
+from starmamba.experiments import Scale, finetune, pretrain
+from starmamba.files import write_json, write_text
 from starmamba.train.config import DataPath
 
 ARM = {"images_per_sequence": 1, "separator": "none"}
@@ -151,7 +152,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
     report = summarise(cfg, title, rows, per_row)
     write_json(out / f"table{cfg.table}.json", report)
     markdown = table_markdown(report)
-    (out / f"table{cfg.table}.md").write_text(markdown + "\n")
+    write_text(out / f"table{cfg.table}.md", markdown + "\n")
     print("\n" + markdown)
     return report
 
