@@ -48,6 +48,10 @@ class RunConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = None
     """clip the gradient norm to this value (None: no clipping)"""
+    layer_decay: float = 1.0
+    """layer-wise lr decay: each layer below the head trains at this times the lr of the one above (1.0: none)"""
+    ema_decay: float | None = None
+    """decay of an EMA of the weights, exported and evaluated beside them (None: no EMA)"""
     seed: int = 0
     """seeds weights, sampling and augmentation: a run is repeatable for a fixed seed on one device"""
     num_workers: int = 4
@@ -80,6 +84,9 @@ class RunConfig:
             check_positive("lr", self.lr)
         if self.clip_grad is not None:
             check_positive("clip_grad", self.clip_grad)
+        check_fraction("layer_decay", self.layer_decay)
+        if self.ema_decay is not None:
+            check_fraction("ema_decay", self.ema_decay)
         for beta in self.betas:
             check_fraction("betas", beta)
 
@@ -153,7 +160,6 @@ class FinetuneConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in (
-            "layer_decay",
             "mixup_prob",
             "mixup_switch_prob",
             "smoothing",
@@ -164,8 +170,6 @@ class FinetuneConfig(RunConfig):
             check_fraction(name, getattr(self, name))
         for name in ("mixup", "cutmix"):
             check_positive(name, getattr(self, name), allow_zero=True)
-        if self.ema_decay is not None:
-            check_fraction("ema_decay", self.ema_decay)
         check_positive("eval_every", self.eval_every)
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ValueError(f"batch_size={self.batch_size} must be even for Mixup/CutMix (pairs are mixed)")
