@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from starmamba.models import model_config
 from starmamba.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
-from starmamba.train.evaluate import run_evaluate
+from starmamba.train.evaluate import run_eval_options, run_evaluate
 from starmamba.train.finetune import FinetuneTask, run_finetune
 from starmamba.train.metrics import read_metrics
 from starmamba.train.pretrain import run_pretrain
@@ -178,3 +178,11 @@ def test_end_process_ends_only_torchrun_processes_and_keeps_their_output(world_s
         env=os.environ | {"WORLD_SIZE": world_size},
     )  # fmt: skip
     assert (done.returncode, done.stdout) == (code, printed), done.stderr
+
+
+def test_evaluate_resizes_as_the_finetuning_run_did(tmp_path):
+    assert run_eval_options(tmp_path / "arm.pth") == {"crop_pct": 0.875, "resize": "square"}  # ARM's own
+    (tmp_path / "config.json").write_text(json.dumps({"crop_pct": 1.0, "eval_resize": "shorter"}))
+    assert run_eval_options(tmp_path / "model.safetensors") == {"crop_pct": 1.0, "resize": "shorter"}
+    (tmp_path / "config.json").write_text(json.dumps({"crop_pct": 0.9}))  # written before the option existed
+    assert run_eval_options(tmp_path) == {"crop_pct": 0.9, "resize": "shorter"}

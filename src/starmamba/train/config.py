@@ -20,6 +20,7 @@ from starmamba.config import check_choice, check_fraction, check_positive
 from starmamba.models import ClassifierConfig, StarConfig, model_config
 
 Device = Literal["auto", "cpu", "cuda"]
+EvalResize = Literal["square", "shorter"]
 DataPath = Annotated[str, tyro.conf.arg(aliases=("--data",))]
 """A data location; ``--data`` is accepted as a short form of ``--data_path``."""
 
@@ -52,6 +53,10 @@ class RunConfig:
     """layer-wise lr decay: each layer below the head trains at this times the lr of the one above (1.0: none)"""
     ema_decay: float | None = None
     """decay of an EMA of the weights, exported and evaluated beside them (None: no EMA)"""
+    decay_a_log: bool = False
+    """also weight-decay the SSM's A_log, as ARM's optimizer does. Off by default, as in Mamba and Vim:
+    decay pulls A_log towards 0, every state towards the same decay rate exp(-dt), and over a run it is
+    no small pull (300 ImageNet epochs at ARM's lr and wd 0.05 shrink an undriven A_log e^5.6-fold)"""
     seed: int = 0
     """seeds weights, sampling and augmentation: a run is repeatable for a fixed seed on one device"""
     num_workers: int = 4
@@ -154,11 +159,15 @@ class FinetuneConfig(RunConfig):
     """lower bound of the random-resized-crop area (timm's default)"""
     crop_pct: float = 0.875
     """evaluation resizes to img_size / crop_pct, then centre-crops img_size"""
+    eval_resize: EvalResize = "square"
+    """'square': resize evaluation images to a square, aspect not kept (ARM: 256 x 256, then the 224 crop);
+    'shorter': resize the shorter side, keeping the aspect (timm/torchvision)"""
     eval_every: int = 1
     """epochs between evaluations (the last epoch is always evaluated)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("eval_resize", self.eval_resize, EvalResize)
         for name in (
             "mixup_prob",
             "mixup_switch_prob",
@@ -189,7 +198,15 @@ class EvaluateConfig:
     """evaluate the EMA weights of a starmamba checkpoint"""
     crop_pct: float | None = None
     """centre-crop fraction; None: the finetuning run's own (its config.json), else 0.875"""
+    eval_resize: EvalResize | None = None
+    """'square' or 'shorter' (see finetune --help); None: the finetuning run's own, else 'square'"""
     limit_val: int | None = None
+
+    def __post_init__(self) -> None:
+        check_positive("batch_size", self.batch_size)
+        check_choice("device", self.device, Device)
+        if self.eval_resize is not None:
+            check_choice("eval_resize", self.eval_resize, EvalResize)
 
 
 def _fashion_mnist_star() -> PretrainConfig:

@@ -102,7 +102,9 @@ class TrainState:
         ema = ModelEma(model, run.ema_decay) if run.ema_decay is not None else None
         effective = run.batch_size * run.accum_iter * processes.world_size
         lr = run.lr if run.lr is not None else effective_lr(run.blr, effective)
-        optimizer = build_adamw(model, lr, run.weight_decay, tuple(run.betas), run.layer_decay)
+        optimizer = build_adamw(
+            model, lr, run.weight_decay, tuple(run.betas), run.layer_decay, decay_a_log=run.decay_a_log
+        )
         return cls(trained, ema, optimizer, run, processes, lr)
 
     @property

@@ -43,7 +43,9 @@ class FinetuneTask:
             cfg.arch.img_size, info.mean, info.std, scale=(cfg.min_crop_scale, 1.0), rand_augment=cfg.aa,
             reprob=cfg.reprob,
         )  # fmt: skip
-        val_transform = EvalTransform(cfg.arch.img_size, info.mean, info.std, crop_pct=cfg.crop_pct)
+        val_transform = EvalTransform(
+            cfg.arch.img_size, info.mean, info.std, crop_pct=cfg.crop_pct, resize=cfg.eval_resize
+        )
         self.val_loader = eval_loader(Augmented(val_data, val_transform), cfg.batch_size, cfg.num_workers, processes)
         self.mixup = (
             MixupCutmix(info.num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.smoothing)
