@@ -235,13 +235,14 @@ def train_one_epoch(
         with state.sync_gradients(update):
             with autocast(device):
                 loss, logs = task.loss(state.model, images, labels, torch.Generator().manual_seed(seed))
-            if not math.isfinite(loss.item()):
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at epoch {position.epoch}, step {position.step}; stopping. "
+                    f"loss is {loss_value} at epoch {position.epoch}, step {position.step}; stopping. "
                     "Lower the lr, or clip gradients (--clip_grad)."
                 )
             (loss / run.accum_iter).backward()
-        window.add(loss.item(), images.shape[0])
+        window.add(loss_value, images.shape[0])
         if not update:
             continue
         grad_norm = state.step()
