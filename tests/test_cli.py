@@ -10,7 +10,7 @@ import pytest
 
 import starmamba
 from starmamba.cli import main, parse_job
-from starmamba.train.config import FinetuneConfig, PretrainConfig, preset, to_dict
+from starmamba.train.config import PRESETS, FinetuneConfig, PretrainConfig, preset, to_dict
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +52,18 @@ def test_the_paper_defaults_when_nothing_is_said():
     assert (fine.blr, fine.layer_decay, fine.epochs, fine.warmup_epochs, fine.min_lr) == (5e-4, 0.65, 100, 5, 1e-6)
     assert (fine.mixup, fine.cutmix, fine.smoothing, fine.reprob, fine.ema_decay) == (0.8, 1.0, 0.1, 0.25, 0.99992)
     assert (fine.arch.drop_path, fine.arch.cls_token, fine.arch.img_size, fine.arch.scans) == (0.1, "tail", 224, 4)
+    # ARM's recipe where the paper is silent: mean-of-patches readout, 256 x 256 then the 224 crop.
+    assert (fine.arch.global_pool, fine.eval_resize, fine.crop_pct) == (True, "square", 0.875)
+    assert not pre.decay_a_log and not fine.decay_a_log
+
+
+@pytest.mark.parametrize("name", list(PRESETS["finetune"]))
+def test_every_finetune_preset_names_its_readout_and_evaluation_resize(name, capsys):
+    cfg = parse_job("finetune", FinetuneConfig, "mambamlp", ["--preset", name])
+    assert (cfg.arch.global_pool, cfg.eval_resize) == (True, "square")
+    flags = ["--preset", name, "--no_global_pool", "--eval_resize", "shorter", "--decay_a_log"]
+    changed = parse_job("finetune", FinetuneConfig, "mambamlp", flags)
+    assert (changed.arch.global_pool, changed.eval_resize, changed.decay_a_log) == (False, "shorter", True)
 
 
 def test_data_is_short_for_data_path():
@@ -83,6 +95,7 @@ def test_a_saved_config_round_trips(tmp_path):
         (["pretrain", "--separator", "cluster", "--images_per_sequence", "3", "--batch_size", "8"], "not a multiple"),
         (["pretrain", "--cluster_size", "5"], "does not divide the grid"),
         (["finetune", "--layer_decay", "1.5"], "layer_decay=1.5"),
+        (["evaluate", "--checkpoint", "x", "--eval_resize", "longer"], "eval_resize"),
         (["evaluate", "--checkpoint", "/nonexistent/ckpt"], "no checkpoint at /nonexistent/ckpt"),
         (["pretrain", "--data_path", "/nonexistent/data", "--batch_size", "8"], "neither 'fashion_mnist'"),
     ],

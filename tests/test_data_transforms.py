@@ -129,6 +129,16 @@ def test_eval_transform_resizes_the_shorter_side_then_centre_crops(size, expecte
     assert EvalTransform(224, MEAN, STD).resize_to == 256
 
 
+def test_eval_transform_square_resize_drops_the_aspect_as_arm_does():
+    # size 8 / crop_pct 0.5 -> the whole 40 x 20 image becomes 16 x 16; the crop is its centre 8 x 8.
+    img = gradient_image(40, 20)
+    reference = img.resize((16, 16), Image.Resampling.BICUBIC).crop((4, 4, 12, 12))
+    out = EvalTransform(8, MEAN, STD, crop_pct=0.5, resize="square")(img)
+    torch.testing.assert_close(out, torch.from_numpy(normalised(np.array(reference))))
+    with pytest.raises(ValueError, match="resize must be 'shorter' or 'square'"):
+        EvalTransform(8, MEAN, STD, resize="longer")
+
+
 def test_parse_rand_augment():
     assert parse_rand_augment("rand-m9-mstd0.5-inc1") == RandAugmentConfig(9, 2, 0.5, True)
     assert parse_rand_augment("rand-m7-n3") == RandAugmentConfig(7, 3, 0.0, False)

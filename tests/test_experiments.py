@@ -3,11 +3,14 @@
 import dataclasses
 import json
 import statistics
+from typing import get_args
 
 import pytest
 
 from starmamba import ablate
 from starmamba.experiments import Scale, cached_run, config_key, finetune_config, pretrain_config
+from starmamba.models.backbone import ClassToken
+from starmamba.sequence import SeparatorPosition, SeparatorType, SeparatorValue
 
 
 def test_budget_scales_whole_batches_with_a_floor():
@@ -90,8 +93,51 @@ def test_ablations_finetune_with_the_middle_class_token_except_star_star():
     assert len(positions) == 20
 
 
-def test_every_table_row_is_a_valid_configuration(tmp_path):
+def test_every_row_runs_the_configuration_it_names(tmp_path):
     for _, rows in ablate.TABLES.values():
         for row in rows:
-            pretrain_config(Scale(), tmp_path, 0, **row.star)  # validates the layout
-            finetune_config(Scale(), tmp_path, 0, **row.classifier)
+            arch = pretrain_config(Scale(), tmp_path, 0, **row.star).arch
+            assert {key: getattr(arch, key) for key in row.star} == row.star, row.label
+            classifier = finetune_config(Scale(), tmp_path, 0, **row.classifier).arch
+            assert {key: getattr(classifier, key) for key in row.classifier} == row.classifier, row.label
+
+
+@pytest.mark.parametrize(
+    "table, option, choices",
+    [
+        (1, "separator", set(get_args(SeparatorType))),
+        (2, "separator_value", set(get_args(SeparatorValue))),
+        (3, "separator_position", set(get_args(SeparatorPosition))),
+        (4, "images_per_sequence", {1, 2, 4, 8, 16}),  # the paper's Table 4
+    ],
+)
+def test_each_table_runs_every_choice_of_its_option(tmp_path, table, option, choices):
+    _, rows = ablate.TABLES[table]
+    star_rows = [row for row in rows if row.star is not ablate.ARM]
+    assert {getattr(pretrain_config(Scale(), tmp_path, 0, **row.star).arch, option) for row in star_rows} == choices
+    assert {row.classifier["cls_token"] for row in ablate.TABLES[5][1]} == set(get_args(ClassToken)) - {"none"}
+
+
+def test_table_5_runs_both_readouts_from_one_pretraining_per_seed(tmp_path, fake_runs):
+    config = ablate.AblateConfig(table=5, seeds=2, out=str(tmp_path), progress=False, readout="both")
+    report = ablate.run_ablation(config)
+    assert len(fake_runs["pretrain"]) == 2 and len(fake_runs["finetune"]) == 8
+    seed0 = [options for seed, _, options in fake_runs["finetune"] if seed == 0]
+    assert seed0 == [
+        {"cls_token": where, "global_pool": pool} for where in ("middle", "tail") for pool in (True, False)
+    ]
+    assert [row["label"] for row in report["rows"]] == [
+        "STAR (middle class token), mean-of-patches readout",
+        "STAR (middle class token), class-token readout",
+        "STAR* (tail class token), mean-of-patches readout",
+        "STAR* (tail class token), class-token readout",
+    ]
+
+
+@pytest.mark.parametrize("readout, pooled", [("mean", True), ("class_token", False)])
+def test_one_readout_is_every_rows_readout_and_named_in_the_title(tmp_path, fake_runs, readout, pooled):
+    config = ablate.AblateConfig(table=1, seeds=1, out=str(tmp_path), progress=False, readout=readout)
+    report = ablate.run_ablation(config)
+    assert {options["global_pool"] for _, _, options in fake_runs["finetune"]} == {pooled}
+    assert report["title"].endswith(ablate.READOUT_NAMES[readout])
+    assert ablate.AblateConfig(table=1).readout == "mean"  # ARM's finetuning recipe

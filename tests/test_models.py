@@ -158,12 +158,28 @@ def test_classifier_head_and_out_proj_initialisation():
 
 
 @pytest.mark.parametrize(
-    "cls_token,global_pool", [("tail", False), ("middle", False), ("none", True), ("middle", True)]
+    "cls_token,global_pool,read",
+    [
+        ("tail", False, [16]),  # 4 x 4 patches: the class token is token 16...
+        ("middle", False, [8]),  # ... or token 8
+        ("middle", True, [*range(8), *range(9, 17)]),  # the mean of the patches, not the class token
+        ("tail", True, list(range(16))),
+        ("none", True, list(range(16))),
+    ],
 )
-def test_classifier_readouts(cls_token, global_pool):
-    model = tiny_classifier(cls_token=cls_token, global_pool=global_pool)
-    logits = model(torch.randn(3, 3, 16, 16))
-    assert logits.shape == (3, 5)
+def test_classifier_reads_the_tokens_its_readout_names(cls_token, global_pool, read):
+    torch.manual_seed(0)
+    model = tiny_classifier(cls_token=cls_token, global_pool=global_pool, num_classes=0).eval()
+    seen = []
+    model.norm.register_forward_hook(lambda module, args, out: seen.append(out))
+    features = model(torch.randn(3, 3, 16, 16))
+    tokens = seen[0]
+    assert tokens.shape == (3, 16 + (cls_token != "none"), 32)
+    torch.testing.assert_close(features, tokens[:, read].mean(dim=1), rtol=0, atol=1e-6)
+
+
+def test_classifier_reads_the_mean_of_the_patches_by_default():
+    assert ClassifierConfig().global_pool  # ARM's finetuning recipe (--global_pool)
 
 
 def test_wrong_image_size_is_a_clear_error():
@@ -177,7 +193,7 @@ def test_wrong_image_size_is_a_clear_error():
         ({"img_size": 20}, "img_size=20 is not a multiple of patch_size=16"),
         ({"scans": 2}, "scans=2"),
         ({"cls_token": "head"}, "cls_token='head'"),
-        ({"cls_token": "none"}, "needs global_pool=True"),
+        ({"cls_token": "none", "global_pool": False}, "needs global_pool=True"),
         ({"drop_path": 1.5}, "drop_path=1.5"),
     ],
 )

@@ -1,26 +1,21 @@
-"""Checkpoints: round trips, ``latest``, pruning, crashes mid-save, RNG state, compatibility errors."""
+"""Checkpoints: round trips, ``latest``, pruning, crashes mid-save, compatibility errors."""
 
 from __future__ import annotations
 
-import json
 import os
-import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from starmamba.train import checkpoint as ckpt
 from starmamba.train.checkpoint import (
-    capture_rng_state,
     check_compatible,
     export_weights,
     latest_checkpoint,
-    load_training_state,
+    load_checkpoint,
     load_weights,
-    restore_rng_state,
     save_checkpoint,
 )
 
@@ -41,17 +36,13 @@ def trained(model: nn.Module) -> torch.optim.AdamW:
 
 
 def save(run_dir: Path, step: int, model: nn.Module, **kwargs) -> Path:
-    arguments = {
-        "global_step": step,
-        "model_name": "tiny",
-        "model_config": CONFIG,
-        "model_state": model.state_dict(),
-        "optimizer_state": torch.optim.AdamW(model.parameters()).state_dict(),
-        "epoch": 0,
-        "step_in_epoch": step,
-        "run_config": {"epochs": 3},
-    } | kwargs
-    return save_checkpoint(run_dir, **arguments)
+    state = {
+        "model": model.state_dict(),
+        "ema": None,
+        "optimizer": torch.optim.AdamW(model.parameters()).state_dict(),
+        "position": {"epoch": 0, "step": step, "global_step": step},
+    }
+    return save_checkpoint(run_dir, state, model_name="tiny", model_config=CONFIG, run_config={"epochs": 3}, **kwargs)
 
 
 def assert_same_state(loaded: dict, expected: dict) -> None:
@@ -65,11 +56,14 @@ def test_round_trip(tmp_path: Path) -> None:
     model = tiny_model()
     optimizer = trained(model)
     ema = tiny_model(seed=1)
-    path = save_checkpoint(
-        tmp_path, global_step=7, model_name="tiny", model_config=CONFIG, model_state=model.state_dict(),
-        ema_state=ema.state_dict(), optimizer_state=optimizer.state_dict(), epoch=2, step_in_epoch=3,
-        run_config={"epochs": 3, "betas": [0.9, 0.95]}, extra={"best_acc1": 91.5, "history": [1, 2]},
-    )  # fmt: skip
+    state = {
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "position": {"epoch": 2, "step": 3, "global_step": 7},
+    }
+    run_config = {"epochs": 3, "betas": [0.9, 0.95]}
+    path = save_checkpoint(tmp_path, state, model_name="tiny", model_config=CONFIG, run_config=run_config)
     assert path == tmp_path / "checkpoints" / "step-00000007"
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-00000007"]
     assert sorted(os.listdir(path)) == ["ema.safetensors", "model.safetensors", "training_state.pt"]
@@ -80,45 +74,29 @@ def test_round_trip(tmp_path: Path) -> None:
     assert_same_state(weights, model.state_dict())
     assert weights["1.num_batches_tracked"].dtype == torch.int64
     assert meta == {"format": "starmamba", "model": "tiny", "config": CONFIG}
-    ema_weights, ema_meta = load_weights(path / "ema.safetensors")
-    assert_same_state(ema_weights, ema.state_dict())
+    _, ema_meta = load_weights(path / "ema.safetensors")
     assert ema_meta == meta
 
-    state = torch.load(path / "training_state.pt", weights_only=True)
-    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (2, 3, 7)
-    assert json.loads(state["run_config"]) == {"epochs": 3, "betas": [0.9, 0.95]}
-    assert state["extra"] == {"best_acc1": 91.5, "history": [1, 2]}
+    loaded = load_checkpoint(path)
+    assert sorted(loaded) == ["ema", "model", "optimizer", "position", "run_config"]
+    assert_same_state(loaded["model"], model.state_dict())
+    assert_same_state(loaded["ema"], ema.state_dict())
+    assert loaded["position"] == {"epoch": 2, "step": 3, "global_step": 7}
+    assert loaded["run_config"] == run_config
     fresh = torch.optim.AdamW(tiny_model(seed=2).parameters(), lr=1e-2)
-    fresh.load_state_dict(load_training_state(path)["optimizer"])
-    for saved, loaded in zip(optimizer.state.values(), fresh.state.values(), strict=True):
-        assert saved.keys() == loaded.keys()
-        assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    fresh.load_state_dict(loaded["optimizer"])
+    for saved, restored in zip(optimizer.state.values(), fresh.state.values(), strict=True):
+        assert saved.keys() == restored.keys()
+        assert all(torch.equal(saved[k], restored[k]) for k in saved)
 
 
-def test_training_state_restores_rng(tmp_path: Path) -> None:
-    path = save(tmp_path, 1, tiny_model())
-    draws = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])  # noqa: NPY002
-    restore_rng_state(load_training_state(path)["rng"])
-    again = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])  # noqa: NPY002
-    assert torch.equal(draws[0], again[0])
-    assert np.array_equal(draws[1], again[1])
-    assert draws[2] == again[2]
+def test_a_checkpoint_without_ema_loads_as_none(tmp_path: Path) -> None:
+    assert load_checkpoint(save(tmp_path, 1, tiny_model()))["ema"] is None
 
 
-def test_rng_round_trip_including_cached_gaussians() -> None:
-    torch.manual_seed(3)
-    np.random.seed(3)  # noqa: NPY002
-    random.seed(3)
-    np.random.randn()  # noqa: NPY002 (leaves a cached gaussian in numpy's state)
-    random.gauss(0, 1)  # leaves gauss_next set
-    state = capture_rng_state()
-    draws = (torch.randn(3), np.random.randn(3), random.gauss(0, 1))  # noqa: NPY002
-    torch.rand(10), np.random.rand(10), random.random()  # noqa: NPY002 (move on, then go back)
-    restore_rng_state(state)
-    again = (torch.randn(3), np.random.randn(3), random.gauss(0, 1))  # noqa: NPY002
-    assert torch.equal(draws[0], again[0])
-    assert np.array_equal(draws[1], again[1])
-    assert draws[2] == again[2]
+def test_loading_a_folder_that_is_no_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+        load_checkpoint(tmp_path)
 
 
 def test_latest_is_none_without_checkpoints(tmp_path: Path) -> None:
@@ -187,32 +165,23 @@ def test_failed_write_leaves_no_partial_checkpoint(tmp_path: Path, monkeypatch) 
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-00000001"]
 
 
-def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
+def test_a_step_left_by_a_cut_short_save_is_replaced(tmp_path: Path, monkeypatch) -> None:
     first, second = tiny_model(seed=0), tiny_model(seed=1)
-    save(tmp_path, 5, first)
-    path = save(tmp_path, 5, second)
+    save(tmp_path, 4, first)
+    with monkeypatch.context() as patch:
+        fail_on_replace(patch, "latest")  # step-5 is in place, latest still names step-4
+        with pytest.raises(OSError, match="simulated crash"):
+            save(tmp_path, 5, first)
+    assert latest_checkpoint(tmp_path).name == "step-00000004"
+    path = save(tmp_path, 5, second)  # the resumed run saves step 5 again
     assert_same_state(load_weights(path)[0], second.state_dict())
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-00000005"]
 
 
-def test_crash_while_replacing_a_step_keeps_latest_complete(tmp_path: Path, monkeypatch) -> None:
-    first, second = tiny_model(seed=0), tiny_model(seed=1)
-    save(tmp_path, 5, first)
-    with monkeypatch.context() as patch:
-        fail_on_replace(patch, "step-00000005")  # the old directory is gone, the new one not yet in place
-        with pytest.raises(OSError, match="simulated crash"):
-            save(tmp_path, 5, second)
-    latest = latest_checkpoint(tmp_path)
-    assert latest.name.startswith(".step-00000005.")  # the complete staging directory
-    assert_same_state(load_weights(latest)[0], second.state_dict())
-    assert load_training_state(latest)["global_step"] == 5
-    save(tmp_path, 6, second)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step-00000006"]
-
-
 def test_unloadable_values_are_refused_before_writing(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match=r"training_state\['extra'\]\['where'\] is a \w*Path"):
-        save(tmp_path, 1, tiny_model(), extra={"where": tmp_path})
+    state = {"model": {}, "optimizer": {"where": tmp_path}, "position": {"epoch": 0, "step": 1, "global_step": 1}}
+    with pytest.raises(TypeError, match=r"training_state\['optimizer'\]\['where'\] is a \w*Path"):
+        save_checkpoint(tmp_path, state, model_name="tiny", model_config=CONFIG, run_config={})
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from starmamba.models import model_config
 from starmamba.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
-from starmamba.train.evaluate import run_evaluate
-from starmamba.train.finetune import run_finetune
+from starmamba.train.evaluate import run_eval_options, run_evaluate
+from starmamba.train.finetune import FinetuneTask, run_finetune
 from starmamba.train.metrics import read_metrics
 from starmamba.train.pretrain import run_pretrain
 
@@ -39,7 +39,7 @@ def tiny_finetune(out: Path, **overrides) -> FinetuneConfig:
     return FinetuneConfig(**(options | overrides))
 
 
-def test_pretrain_finetune_evaluate_chain(tmp_path):
+def test_pretrain_finetune_evaluate_chain(tmp_path, monkeypatch):
     pre = run_pretrain(tiny_pretrain(tmp_path / "pre"))
     assert pre["steps"] == 2 * (48 // 8)
     for name in ("config.json", "metrics.jsonl", "curves.png", "reconstructions.png", "model.safetensors"):
@@ -51,12 +51,28 @@ def test_pretrain_finetune_evaluate_chain(tmp_path):
     saved = json.loads((tmp_path / "pre" / "config.json").read_text())
     assert saved["arch"]["images_per_sequence"] == 2 and saved["blr"] == 1e-3
 
+    built = []
+    real_build = FinetuneTask.build_model
+
+    def build_and_keep(task, cfg):
+        model, description = real_build(task, cfg)
+        built.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model, description
+
+    monkeypatch.setattr(FinetuneTask, "build_model", build_and_keep)
     fine = run_finetune(tiny_finetune(tmp_path / "fine", finetune=str(tmp_path / "pre" / "model.safetensors")))
     assert {"acc1", "ema_acc1", "best_acc1"} <= set(fine)
     assert (tmp_path / "fine" / "ema.safetensors").exists()
-    # The encoder really came from the pretraining run: an untouched pretrained weight...
-    pretrained = load_file(tmp_path / "pre" / "model.safetensors")
-    assert "encoder.blocks.0.mixer.directions.0.A_log" in pretrained
+    # The encoder really came from the pretraining run: the finetune started from its tensors (each of
+    # the 4 scan directions from the pretrained forward one), and then trained them.
+    pretrained, initial = load_file(tmp_path / "pre" / "model.safetensors"), built[0]
+    finetuned = load_file(tmp_path / "fine" / "model.safetensors")
+    for key in ("encoder.patch_embed.proj.weight", "encoder.blocks.1.mlp.w3.weight"):
+        assert torch.equal(initial[key], pretrained[key]), key
+    for direction in range(4):
+        key = f"encoder.blocks.0.mixer.directions.{direction}.x_proj.weight"
+        assert torch.equal(initial[key], pretrained["encoder.blocks.0.mixer.directions.0.x_proj.weight"]), key
+    assert not torch.equal(finetuned["encoder.patch_embed.proj.weight"], pretrained["encoder.patch_embed.proj.weight"])
 
     result = run_evaluate(EvaluateConfig(checkpoint=str(tmp_path / "fine"), data_path="synthetic", limit_val=32,
                                          num_workers=0))  # fmt: skip
@@ -91,6 +107,7 @@ PRETRAIN_FLAGS = ["--data_path", "synthetic", "--img_size", "16", "--patch_size"
                   "--no_tensorboard", "--model", "star_tiny"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_reaches_the_same_weights(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run(cli("pretrain", *PRETRAIN_FLAGS, "--output_dir", str(tmp_path / "whole")), check=True, env=env,
@@ -125,20 +142,29 @@ def test_resume_after_a_kill_reaches_the_same_weights(tmp_path):
     assert any("val_loss" in r for r in logs[0])
 
 
-def test_two_gloo_processes_end_with_identical_weights(tmp_path):
+@pytest.mark.slow
+def test_two_gloo_processes_from_different_seeds_agree_on_model_ema_and_optimizer(tmp_path):
     worker = Path(__file__).parent / "ddp_worker.py"
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
          str(tmp_path)], capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
-    initial = load_file(tmp_path / "initial.safetensors")
-    assert any(not torch.equal(initial[k], rank0[k]) for k in initial)  # it did train
+    initial = [load_file(tmp_path / f"initial{rank}.safetensors") for rank in (0, 1)]
+    assert not torch.equal(initial[0]["head.weight"], initial[1]["head.weight"])  # the ranks started apart
+    for name in ("model", "ema"):
+        rank0, rank1 = (load_file(tmp_path / f"{name}{rank}.safetensors") for rank in (0, 1))
+        assert rank0.keys() == rank1.keys() == initial[0].keys()
+        for key in rank0:
+            assert torch.equal(rank0[key], rank1[key]), f"{name} {key}"
+        assert any(not torch.equal(initial[0][k], rank0[k]) for k in rank0 if rank0[k].is_floating_point())
+    optimizer = [torch.load(tmp_path / f"optimizer{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert optimizer[0].keys() == optimizer[1].keys() and len(optimizer[0]) > 0
+    for index, moments in optimizer[0].items():
+        for key, value in moments.items():
+            assert torch.equal(value, optimizer[1][index][key]), f"optimizer state {index} {key}"
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["distinct_batches"]
+    assert summary == {"world_size": 2, "shared": 0}  # each rank trained on its own images
 
 
 @pytest.mark.parametrize("world_size, code, printed", [("1", 0, "kept|returned 3"), ("2", 3, "kept")])
@@ -152,3 +178,11 @@ def test_end_process_ends_only_torchrun_processes_and_keeps_their_output(world_s
         env=os.environ | {"WORLD_SIZE": world_size},
     )  # fmt: skip
     assert (done.returncode, done.stdout) == (code, printed), done.stderr
+
+
+def test_evaluate_resizes_as_the_finetuning_run_did(tmp_path):
+    assert run_eval_options(tmp_path / "arm.pth") == {"crop_pct": 0.875, "resize": "square"}  # ARM's own
+    (tmp_path / "config.json").write_text(json.dumps({"crop_pct": 1.0, "eval_resize": "shorter"}))
+    assert run_eval_options(tmp_path / "model.safetensors") == {"crop_pct": 1.0, "resize": "shorter"}
+    (tmp_path / "config.json").write_text(json.dumps({"crop_pct": 0.9}))  # written before the option existed
+    assert run_eval_options(tmp_path) == {"crop_pct": 0.9, "resize": "shorter"}

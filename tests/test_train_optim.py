@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from starmamba.models import MambaMLPClassifier, model_config
 from starmamba.train.optim import LayeredModel, build_adamw, param_groups
 from starmamba.train.schedule import effective_lr, lr_at, set_lr
 
@@ -66,6 +67,19 @@ def test_groups_without_layer_decay_all_scale_one() -> None:
     groups = param_groups(Layered(), weight_decay=0.1)
     assert {g["lr_scale"] for g in groups} == {1.0}
     assert sum(len(g["params"]) for g in groups) == len(list(Layered().parameters()))
+
+
+@pytest.mark.parametrize("decay_a_log", [False, True])
+def test_a_log_is_decayed_only_when_asked_as_arm_does(decay_a_log) -> None:
+    model = model_config("mambamlp_tiny", img_size=16, patch_size=4, dim=32, depth=2)
+    groups = param_groups(MambaMLPClassifier(model), weight_decay=0.05, decay_a_log=decay_a_log)
+    decay = {name: group["weight_decay"] for group in groups for name in group["names"]}
+    a_logs = [name for name in decay if name.endswith(".A_log")]
+    assert len(a_logs) == 2 * 4  # a block's four scan directions each have their own
+    assert {decay[name] for name in a_logs} == {0.05 if decay_a_log else 0.0}
+    # Everything else keeps its group: D and the class token stay undecayed, x_proj decayed.
+    assert decay["encoder.blocks.0.mixer.directions.0.D"] == decay["cls_token"] == 0.0
+    assert decay["encoder.blocks.0.mixer.directions.0.x_proj.weight"] == 0.05
 
 
 def test_groups_refuse_models_without_layers() -> None:

@@ -4,6 +4,10 @@ Every row is pretrained and finetuned with the same budget and data for each see
 our mean +- std next to the paper's ImageNet numbers (MambaMLP-B, 200 epochs). Runs are cached by a
 hash of their config, so a rerun skips what has finished and rows that share a pretraining (Table 5)
 pretrain once. ``--jobs`` runs several seeds/rows at once, one GPU each when there are GPUs.
+
+The classifier reads the mean of the patch tokens by default, as ARM's finetuning recipe does;
+``--readout class_token`` reads the class token instead, and ``--readout both`` runs every row with
+each (``starmamba ablate 5 --readout both``: where the class token sits, read or not).
 """
 
 from __future__ import annotations
@@ -14,16 +18,20 @@ import os
 import statistics
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
-from starmamba.experiments import Scale, finetune, pretrain, write_json
+from starmamba.experiments import Scale, finetune, pretrain
+from starmamba.files import write_json, write_text
 from starmamba.train.config import DataPath
 
 ARM = {"images_per_sequence": 1, "separator": "none"}
+Readout = Literal["mean", "class_token", "both"]
+READOUTS = {"mean": {"global_pool": True}, "class_token": {"global_pool": False}}
+READOUT_NAMES = {"mean": "mean-of-patches readout", "class_token": "class-token readout"}
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,8 @@ class Row:
     """One row: how it pretrains (StarConfig overrides, on top of the paper's defaults) and finetunes.
 
     The paper's ablations finetune with Vim's middle class token: its Table 5 "STAR (middle)" row
-    is Table 2's "Zeros" and Table 4's "8"; only the starred row there moves it to the tail.
+    is Table 2's "Zeros" and Table 4's "8"; only the starred row there moves it to the tail. The
+    paper does not say how its classifier reads out (see ``AblateConfig.readout``).
     """
 
     label: str
@@ -96,6 +105,19 @@ class AblateConfig:
     out: str = "reports/ablations"
     val_images: int = 1000
     progress: bool = True
+    readout: Readout = "mean"
+    """'mean' of the patch tokens (ARM's recipe), the 'class_token', or 'both': every row with each"""
+
+
+def with_readouts(rows: list[Row], readout: Readout) -> list[Row]:
+    """``rows`` finetuned with ``readout``; for 'both', each row twice, its label naming the readout."""
+    if readout != "both":
+        return [replace(row, classifier=row.classifier | READOUTS[readout]) for row in rows]
+    return [
+        replace(row, label=f"{row.label}, {READOUT_NAMES[name]}", classifier=row.classifier | options)
+        for row in rows
+        for name, options in READOUTS.items()
+    ]
 
 
 def _run_group(scale: Scale, root: str, seed: int, star: dict, classifiers: list[dict]) -> list[dict]:
@@ -117,6 +139,9 @@ def _init_worker(slots) -> None:
 
 def run_ablation(cfg: AblateConfig) -> dict:
     title, rows = TABLES[cfg.table]
+    rows = with_readouts(rows, cfg.readout)
+    if cfg.readout != "both":
+        title = f"{title}, {READOUT_NAMES[cfg.readout]}"
     out = Path(cfg.out)
     root = out / "runs"
     scale = Scale(cfg.budget, cfg.data_path, cfg.val_images, progress=cfg.progress and cfg.jobs == 1)
@@ -151,7 +176,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
     report = summarise(cfg, title, rows, per_row)
     write_json(out / f"table{cfg.table}.json", report)
     markdown = table_markdown(report)
-    (out / f"table{cfg.table}.md").write_text(markdown + "\n")
+    write_text(out / f"table{cfg.table}.md", markdown + "\n")
     print("\n" + markdown)
     return report
 

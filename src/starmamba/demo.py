@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from starmamba.experiments import Scale, finetune, pretrain, write_json
+from starmamba.experiments import Scale, finetune, pretrain
+from starmamba.files import write_json
 from starmamba.train.config import DataPath
 
 METHODS = {

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from starmamba.files import write_json
 from starmamba.models import model_config
 from starmamba.train.config import FinetuneConfig, PretrainConfig, to_dict
 
@@ -73,14 +74,6 @@ def finetune_config(scale: Scale, out: Path, seed: int, pretrained: str = "", **
         limit_val=scale.val_images, num_workers=scale.num_workers, progress=scale.progress,
         tensorboard=False, log_every=10, crop_pct=1.0,
     )  # fmt: skip
-
-
-def write_json(path: Path, payload) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def config_key(config) -> str:

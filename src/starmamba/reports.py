@@ -6,6 +6,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from starmamba.files import atomic_write
 from starmamba.train.metrics import read_metrics
 
 
@@ -35,10 +36,8 @@ def demo_figures(rows: list[dict], out: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / "curves.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    atomic_write(out / "curves.png", lambda temp: fig.savefig(temp, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(out / "curves.png")
     stack_images(
         [(r["method"], Path(r["pretrain_dir"]) / "reconstructions.png") for r in rows if r["pretrain_dir"]],
         out / "reconstructions.png",
@@ -64,6 +63,4 @@ def stack_images(labelled: list[tuple[str, Path]], path: Path, scale: int = 3) -
     for panel in panels:
         canvas.paste(panel, (0, y))
         y += panel.height
-    tmp = path.with_name(path.stem + ".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda temp: canvas.save(temp, format="PNG"))

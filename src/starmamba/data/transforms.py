@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -172,7 +172,12 @@ class FinetuneTransform:
 
 
 class EvalTransform:
-    """Resize the shorter side to int(size / crop_pct) (bicubic), centre-crop size x size, normalise."""
+    """Resize (bicubic) so that a centre crop of ``size`` keeps ``crop_pct`` of it, crop, normalise.
+
+    ``resize="shorter"`` makes the shorter side int(size / crop_pct), keeping the aspect (timm,
+    torchvision); ``resize="square"`` makes the whole image that square, aspect not kept (ARM:
+    256 x 256 for the 224 crop).
+    """
 
     def __init__(
         self,
@@ -180,19 +185,22 @@ class EvalTransform:
         mean: Sequence[float],
         std: Sequence[float],
         crop_pct: float = 0.875,
+        resize: Literal["shorter", "square"] = "shorter",
     ) -> None:
         if not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        if resize not in ("shorter", "square"):
+            raise ValueError(f"resize must be 'shorter' or 'square', got {resize!r}")
+        self.size, self.mean, self.std, self.resize = size, tuple(mean), tuple(std), resize
         self.resize_to = int(size / crop_pct)
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> Tensor:
         """Deterministic; ``rng`` is accepted only so every transform has the same signature."""
         img = img.convert("RGB")
         w, h = img.size
-        # torchvision's Resize(int): the shorter side becomes resize_to, the longer keeps the aspect
-        # (rounded down).
-        if w <= h:
+        if self.resize == "square":
+            w = h = self.resize_to
+        elif w <= h:  # torchvision's Resize(int): the longer side keeps the aspect (rounded down)
             w, h = self.resize_to, int(self.resize_to * h / w)
         else:
             w, h = int(self.resize_to * w / h), self.resize_to

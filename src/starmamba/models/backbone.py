@@ -24,14 +24,13 @@ ClassToken = Literal["tail", "middle", "none"]
 
 @dataclass
 class BackboneConfig:
-    """The MambaMLP trunk. Defaults are MambaMLP-Base at 224 px with four scans."""
+    """The MambaMLP trunk. Defaults are MambaMLP-Base at 224 px; one causal scan (the classifier has 4)."""
 
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
     dim: int = 768
     depth: int = 12
-    scans: Literal[1, 4] = 4
     d_state: int = 16
     d_conv: int = 4
     expand: int = 1
@@ -45,8 +44,12 @@ class BackboneConfig:
             raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
         if self.dim % 4:
             raise ValueError(f"dim={self.dim} must be divisible by 4 (2D sin-cos position embedding)")
-        check_choice("scans", self.scans, Literal[1, 4])
         check_fraction("drop_path", self.drop_path)
+
+    @property
+    def scans(self) -> int:
+        """Scan directions per mixer: one causal scan unless the config makes it an option."""
+        return 1
 
     @property
     def grid(self) -> int:
@@ -61,13 +64,18 @@ class BackboneConfig:
 class ClassifierConfig(BackboneConfig):
     """A MambaMLP image classifier: trunk, final LayerNorm and a linear head."""
 
+    scans: Literal[1, 4] = 4
     num_classes: int = 1000
     cls_token: ClassToken = "tail"
-    global_pool: bool = False
+    """where the class token sits: after the last patch (STAR), in the middle (Vim/ARM), or nowhere"""
+    global_pool: bool = True
+    """the readout: the mean of the patch tokens (ARM's finetuning recipe, --global_pool there), or with
+    --no_global_pool the class token (with 4 scans a tail token hears nothing from the backward scans)"""
     head_init_std: float = 2e-5
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("scans", self.scans, Literal[1, 4])
         check_choice("cls_token", self.cls_token, ClassToken)
         check_positive("num_classes", self.num_classes, allow_zero=True)
         if self.cls_token == "none" and not self.global_pool:
@@ -154,6 +162,8 @@ class MambaMLP(nn.Module):
             self.pos_embed = nn.Parameter(pos)
         else:
             self.register_buffer("pos_embed", pos)
+        # ARM prepends a 0 to this list, so its block i drops at our block i - 1's rate (and its top
+        # rate goes unused): a one-block shift too small to matter; we keep the plain linear rise.
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         with torch.no_grad():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +22,6 @@ class StarConfig(BackboneConfig):
     decoder fed by the encoder's blocks 6, 8, 10, 12 (of 12), norm-pixel targets."""
 
     img_size: int = 192
-    scans: Literal[1, 4] = 1
     learnable_pos_embed: bool = False
     cluster_size: int = 4
     images_per_sequence: int = 8
@@ -39,8 +37,6 @@ class StarConfig(BackboneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.scans != 1:
-            raise ValueError(f"scans={self.scans}: STAR pretraining predicts causally, so it uses one scan")
         for name in ("decoder_dim", "decoder_depth", "decoder_head_dim", "decoder_mlp_ratio"):
             check_positive(name, getattr(self, name))
         if self.decoder_dim % self.decoder_head_dim or self.decoder_dim % 4:

@@ -1,4 +1,4 @@
-"""Training: typed job configs, the shared loop, the pretrain / finetune / evaluate jobs, checkpoints."""
+"""Training: typed job configs, the engine (TrainState, Task, train_one_epoch), run_job, the jobs, checkpoints."""
 
 from starmamba.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig, preset
 from starmamba.train.evaluate import run_evaluate

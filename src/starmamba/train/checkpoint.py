@@ -2,29 +2,28 @@
 
 A checkpoint is a directory ``<run_dir>/checkpoints/step-<global_step:08d>/`` holding
 ``model.safetensors``, optionally ``ema.safetensors`` (both with metadata naming the model and its
-config) and ``training_state.pt`` (optimizer, position, RNG states, run config: plain tensors,
-numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it). The file
-``<run_dir>/checkpoints/latest`` names the newest complete checkpoint directory.
+config) and ``training_state.pt`` (optimizer, position, run config: plain tensors, numbers,
+strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it). The file
+``<run_dir>/checkpoints/latest`` names the newest complete checkpoint directory. No random state
+is saved: every draw of a step is seeded from the run's seed and the step's position.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from starmamba.errors import load_error_reason
+from starmamba.files import atomic_write, fsync, temp_name, write_text
 
 FORMAT = "starmamba"
 POINTER = "latest"
@@ -34,62 +33,55 @@ _SHOWN = 5  # keys listed per kind of problem in check_compatible's message
 
 def save_checkpoint(
     run_dir: str | Path,
+    state: dict[str, Any],
     *,
-    global_step: int,
     model_name: str,
     model_config: dict,
-    model_state: dict[str, Tensor],
-    ema_state: dict[str, Tensor] | None = None,
-    optimizer_state: dict,
-    epoch: int,
-    step_in_epoch: int,
     run_config: dict,
-    extra: dict | None = None,
     keep_last: int = 1,
 ) -> Path:
-    """Write the checkpoint of ``global_step``, point ``latest`` at it, then drop older ones.
+    """Write ``state`` as the checkpoint of its step, point ``latest`` at it, then drop older ones.
 
+    ``state`` is a ``TrainState.state_dict()``: ``model`` and ``ema`` (a state_dict, or None),
+    ``optimizer`` (its state_dict) and ``position`` (``epoch``, ``step``, ``global_step``).
     Everything is written to a hidden sibling directory and renamed into place, and ``latest`` is
     replaced atomically, so it always names a complete checkpoint. Of the checkpoints of earlier
-    steps, the newest ``keep_last - 1`` are kept. ``extra`` is stored under the key ``"extra"``.
-    Returns the checkpoint directory.
+    steps, the newest ``keep_last - 1`` are kept. Returns the checkpoint directory.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+    position = {key: int(state["position"][key]) for key in ("epoch", "step", "global_step")}
     training_state = {
-        "optimizer": optimizer_state,
-        "epoch": epoch,
-        "step_in_epoch": step_in_epoch,
-        "global_step": global_step,
-        "rng": capture_rng_state(),
+        "optimizer": state["optimizer"],
+        "position": position,
         "run_config": json.dumps(run_config),
-        "extra": extra or {},
     }
     _check_plain(training_state, "training_state")
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{global_step:08d}"
-    staging = root / _temp_name(name)
+    name = f"step-{position['global_step']:08d}"
+    staging = root / temp_name(name)
     staging.mkdir()
     try:
         metadata = _metadata(model_name, model_config)
-        _write_safetensors(staging / "model.safetensors", model_state, metadata)
-        if ema_state is not None:
-            _write_safetensors(staging / "ema.safetensors", ema_state, metadata)
+        _write_safetensors(staging / "model.safetensors", state["model"], metadata)
+        if state.get("ema") is not None:
+            _write_safetensors(staging / "ema.safetensors", state["ema"], metadata)
         torch.save(training_state, staging / "training_state.pt")
-        _fsync(staging / "training_state.pt")
-        _fsync(staging)
+        for entry in (*staging.iterdir(), staging):
+            fsync(entry)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     final = root / name
     if final.exists():
-        _replace_dir(staging, final)
-    else:
-        os.replace(staging, final)
-        _fsync(root)
-    _write_pointer(root, name)
-    _prune(root, global_step, keep_last)
+        # Left by a save cut short before ``latest`` moved on (a run never saves the step
+        # ``latest`` names again: it resumes from there or from an earlier one of another run).
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    fsync(root)
+    write_text(root / POINTER, name + "\n")
+    _prune(root, position["global_step"], keep_last)
     return final
 
 
@@ -148,44 +140,27 @@ def load_training_state(checkpoint_dir: str | Path) -> dict:
         raise ValueError(f"{file} is truncated or corrupt ({load_error_reason(err)})") from None
 
 
-def capture_rng_state() -> dict:
-    """The states of torch's CPU (and CUDA) generators, numpy's global one and ``random``, as plain data."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # noqa: NPY002 (the global one)
-    py_version, py_internal, py_gauss = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "name": np_name,
-            "keys": np_keys.tolist(),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "cached_gaussian": float(np_gauss),
-        },
-        "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
+def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """A checkpoint directory as ``save_checkpoint`` took it, plus its ``run_config``; tensors on the CPU."""
+    path = Path(checkpoint_dir)
+    training = load_training_state(path)
+    model, _ = load_weights(path / "model.safetensors")
+    ema = load_weights(path / "ema.safetensors")[0] if (path / "ema.safetensors").is_file() else None
+    return {
+        "model": model,
+        "ema": ema,
+        "optimizer": training["optimizer"],
+        "position": training["position"],
+        "run_config": json.loads(training["run_config"]),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
-def restore_rng_state(state: dict) -> None:
-    """Put back the generator states of ``capture_rng_state`` (CUDA only for the devices present)."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, index)
-    numpy_state = state["numpy"]
-    np.random.set_state(  # noqa: NPY002 (the global one)
-        (
-            numpy_state["name"],
-            np.asarray(numpy_state["keys"], dtype=np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    python_state = state["python"]
-    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+def checkpoint_step(path: str | Path) -> int:
+    """The global step of a checkpoint directory, read from its name (``step-00000042`` -> 42)."""
+    match = _STEP_DIR.fullmatch(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint directory (step-<number>)")
+    return int(match[1])
 
 
 def check_compatible(state_dict: dict[str, Tensor], model: nn.Module, *, source: str) -> None:
@@ -218,21 +193,8 @@ def export_weights(
     model_config: dict,
 ) -> None:
     """Write ``state_dict`` to one ``.safetensors`` file with the model's metadata, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(_temp_name(path.name))
-    try:
-        _write_safetensors(temp, state_dict, _metadata(model_name, model_config))
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
-
-
-def _temp_name(name: str) -> str:
-    """A hidden, unique name for a file or directory in the making (never reused, so never stale)."""
-    return f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+    metadata = _metadata(model_name, model_config)
+    atomic_write(path, lambda temp: _write_safetensors(temp, state_dict, metadata))
 
 
 def _metadata(model_name: str, model_config: dict) -> dict[str, str]:
@@ -242,55 +204,11 @@ def _metadata(model_name: str, model_config: dict) -> dict[str, str]:
 def _write_safetensors(path: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> None:
     tensors = {key: _cpu_copy(value) for key, value in state.items()}
     save_file(tensors, str(path), metadata=metadata)
-    _fsync(path)
 
 
 def _cpu_copy(tensor: Tensor) -> Tensor:
     """A contiguous CPU copy: safetensors refuses tensors that share memory (tied or sliced weights)."""
     return tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a directory's entries, to disk before a rename makes it visible."""
-    if path.is_dir() and os.name != "posix":
-        return  # directories cannot be opened on Windows; renames there are durable enough
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_pointer(root: Path, name: str) -> None:
-    temp = root / _temp_name(POINTER)
-    with open(temp, "x") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, root / POINTER)
-    _fsync(root)
-
-
-def _replace_dir(staging: Path, final: Path) -> None:
-    """Put ``staging`` at the name of the existing directory ``final`` (a step saved again).
-
-    Two directories cannot be swapped atomically, so ``latest`` names the complete ``staging``
-    while the old directory moves aside and a hard-linked copy of ``staging`` takes its name.
-    """
-    root = final.parent
-    _write_pointer(root, staging.name)
-    os.replace(final, root / _temp_name(final.name))
-    copy = root / _temp_name(final.name)
-    copy.mkdir()
-    for file in staging.iterdir():
-        try:
-            os.link(file, copy / file.name)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(file, copy / file.name)
-            _fsync(copy / file.name)
-    _fsync(copy)
-    os.replace(copy, final)
-    _fsync(root)
 
 
 def _prune(root: Path, global_step: int, keep_last: int) -> None:

@@ -23,6 +23,7 @@ from starmamba.data.datasets import MAX_UNREADABLE
 from starmamba.models import ClassifierConfig, StarConfig, model_config
 
 Device = Literal["auto", "cpu", "cuda"]
+EvalResize = Literal["square", "shorter"]
 DataPath = Annotated[str, tyro.conf.arg(aliases=("--data",))]
 """A data location; ``--data`` is accepted as a short form of ``--data_path``."""
 
@@ -51,6 +52,14 @@ class RunConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = None
     """clip the gradient norm to this value (None: no clipping)"""
+    layer_decay: float = 1.0
+    """layer-wise lr decay: each layer below the head trains at this times the lr of the one above (1.0: none)"""
+    ema_decay: float | None = None
+    """decay of an EMA of the weights, exported and evaluated beside them (None: no EMA)"""
+    decay_a_log: bool = False
+    """also weight-decay the SSM's A_log, as ARM's optimizer does. Off by default, as in Mamba and Vim:
+    decay pulls A_log towards 0, every state towards the same decay rate exp(-dt), and over a run it is
+    no small pull (300 ImageNet epochs at ARM's lr and wd 0.05 shrink an undriven A_log e^5.6-fold)"""
     seed: int = 0
     """seeds weights, sampling and augmentation: a run is repeatable for a fixed seed on one device"""
     num_workers: int = 4
@@ -87,6 +96,9 @@ class RunConfig:
             check_positive("lr", self.lr)
         if self.clip_grad is not None:
             check_positive("clip_grad", self.clip_grad)
+        check_fraction("layer_decay", self.layer_decay)
+        if self.ema_decay is not None:
+            check_fraction("ema_decay", self.ema_decay)
         for beta in self.betas:
             check_fraction("betas", beta)
         check_fraction("max_unreadable", self.max_unreadable)
@@ -168,6 +180,9 @@ class FinetuneConfig(RunConfig):
     """lower bound of the random-resized-crop area (timm's default)"""
     crop_pct: float = 0.875
     """evaluation resizes to img_size / crop_pct, then centre-crops img_size"""
+    eval_resize: EvalResize = "square"
+    """'square': resize evaluation images to a square, aspect not kept (ARM: 256 x 256, then the 224 crop);
+    'shorter': resize the shorter side, keeping the aspect (timm/torchvision)"""
     eval_every: int = 1
     """epochs between evaluations (the last epoch is always evaluated)"""
 
@@ -179,6 +194,7 @@ class FinetuneConfig(RunConfig):
                 f"layer_decay={self.layer_decay!r} must lie in (0, 1]: 0 freezes every encoder block "
                 "(each layer learns at layer_decay times the lr of the one above it); 1.0 disables the decay"
             )
+        check_choice("eval_resize", self.eval_resize, EvalResize)
         for name in (
             "mixup_prob",
             "mixup_switch_prob",
@@ -190,8 +206,6 @@ class FinetuneConfig(RunConfig):
             check_fraction(name, getattr(self, name))
         for name in ("mixup", "cutmix"):
             check_positive(name, getattr(self, name), allow_zero=True)
-        if self.ema_decay is not None:
-            check_fraction("ema_decay", self.ema_decay)
         check_positive("eval_every", self.eval_every)
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ValueError(f"batch_size={self.batch_size} must be even for Mixup/CutMix (pairs are mixed)")
@@ -211,12 +225,18 @@ class EvaluateConfig:
     """evaluate the EMA weights of a starmamba checkpoint"""
     crop_pct: float | None = None
     """centre-crop fraction; None: the finetuning run's own (its config.json), else 0.875"""
+    eval_resize: EvalResize | None = None
+    """'square' or 'shorter' (see finetune --help); None: the finetuning run's own, else 'square'"""
     limit_val: int | None = None
     max_unreadable: float = MAX_UNREADABLE
     """fraction of the validation images that may be unreadable (skipped, counted) before evaluation stops"""
 
     def __post_init__(self) -> None:
         check_fraction("max_unreadable", self.max_unreadable)
+        check_positive("batch_size", self.batch_size)
+        check_choice("device", self.device, Device)
+        if self.eval_resize is not None:
+            check_choice("eval_resize", self.eval_resize, EvalResize)
 
 
 def _fashion_mnist_star() -> PretrainConfig:

@@ -46,12 +46,17 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "val_loss": loss / count}
 
 
-def run_crop_pct(checkpoint: Path, default: float = 0.875) -> float:
-    """The evaluation crop a finetuning run used, read from the config.json beside its weights."""
+def run_eval_options(checkpoint: Path) -> dict:
+    """How the finetuning run evaluated, read from the config.json beside its weights.
+
+    ``{"crop_pct", "resize"}``; without a config.json (e.g. ARM's .pth): ARM's 0.875 and 'square'.
+    Runs written before ``eval_resize`` existed resized the shorter side.
+    """
     config = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.json"
-    if config.is_file():
-        return float(json.loads(config.read_text()).get("crop_pct", default))
-    return default
+    if not config.is_file():
+        return {"crop_pct": 0.875, "resize": "square"}
+    saved = json.loads(config.read_text())
+    return {"crop_pct": float(saved.get("crop_pct", 0.875)), "resize": saved.get("eval_resize", "shorter")}
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
@@ -65,8 +70,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
                 f"{cfg.checkpoint} classifies {model.cfg.num_classes} classes but {cfg.data_path} has "
                 f"{dataset.info.num_classes}"
             )
-        crop_pct = cfg.crop_pct if cfg.crop_pct is not None else run_crop_pct(Path(cfg.checkpoint))
-        transform = EvalTransform(model.cfg.img_size, dataset.info.mean, dataset.info.std, crop_pct=crop_pct)
+        options = run_eval_options(Path(cfg.checkpoint))
+        options |= {"crop_pct": cfg.crop_pct} if cfg.crop_pct is not None else {}
+        options |= {"resize": cfg.eval_resize} if cfg.eval_resize is not None else {}
+        transform = EvalTransform(model.cfg.img_size, dataset.info.mean, dataset.info.std, **options)
         loader = eval_loader(Augmented(dataset, transform), cfg.batch_size, cfg.num_workers, processes)
         result = evaluate(model.to(processes.device), loader, processes.device)
         skipped = int(all_reduce_sum(torch.tensor([getattr(dataset, "num_skipped", 0)], dtype=torch.float64)).item())

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import Tensor
 
+from starmamba.files import write_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -61,9 +63,7 @@ class MetricsLog:
             return
         kept = [r for r in read_metrics(self.path) if r["step"] <= step]
         self._file.close()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, default=_plain) + "\n" for r in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        write_text(self.path, "".join(json.dumps(r, default=_plain) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open until close())
 
     def close(self) -> None:

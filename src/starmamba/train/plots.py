@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor
+
+from starmamba.files import atomic_write
 
 PANEL_INCHES = (4.5, 3.5)
 DPI = 100
@@ -58,9 +59,7 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
             axes.legend()
     if title:
         figure.suptitle(title)
-    temp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temp, format="png")
-    os.replace(temp, path)
+    atomic_write(path, lambda temp: figure.savefig(temp, format="png"))
 
 
 def save_image_grid(images: Tensor, path: Path, nrow: int) -> None:
@@ -84,6 +83,5 @@ def save_image_grid(images: Tensor, path: Path, nrow: int) -> None:
         top = PADDING + (index // columns) * (height + PADDING)
         left = PADDING + (index % columns) * (width + PADDING)
         canvas[:, top : top + height, left : left + width] = image
-    temp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy()).save(temp, format="PNG")
-    os.replace(temp, path)
+    image = Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy())
+    atomic_write(path, lambda temp: image.save(temp, format="PNG"))

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from starmamba.data import Augmented, EvalTransform, PretrainTransform, build_dataset
 from starmamba.models import StarPretrainer, build_model
-from starmamba.train.config import PretrainConfig, to_dict
-from starmamba.train.distributed import Processes, joined
-from starmamba.train.ema import ModelEma
-from starmamba.train.loop import autocast, fit
-from starmamba.train.metrics import MetricsLog
+from starmamba.train.config import PretrainConfig
+from starmamba.train.distributed import Processes
+from starmamba.train.engine import TrainState, autocast
+from starmamba.train.job import run_job
 from starmamba.train.plots import save_image_grid
-
-
-def write_config(run_dir: Path, config) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
-    tmp.replace(run_dir / "config.json")
 
 
 def preview_batch(cfg: PretrainConfig, processes: Processes) -> tuple[Tensor, tuple, tuple]:
@@ -47,47 +38,44 @@ def denormalize(images: Tensor, mean: tuple, std: tuple) -> Tensor:
     return (images * std_t + mean_t).clamp(0, 1)
 
 
-def run_pretrain(cfg: PretrainConfig) -> dict:
-    """Pretrain; writes config, metrics, checkpoints, curves and reconstructions to ``cfg.output_dir``."""
-    with joined(cfg.device) as processes:
-        run_dir = Path(cfg.output_dir)
+class PretrainTask:
+    """Norm-pixel prediction of the next cluster; after each epoch, the loss on a fixed validation batch
+    and (every ``recon_every`` epochs) its reconstructions."""
+
+    def load(self, cfg: PretrainConfig, processes: Processes) -> tuple[PretrainConfig, Dataset]:
+        self.cfg, self.processes = cfg, processes
         dataset = build_dataset(cfg.data_path, "train", limit=cfg.limit_train)
-        if processes.is_main:
-            write_config(run_dir, cfg)
-        torch.manual_seed(cfg.seed + processes.rank)
         info = dataset.info
         transform = PretrainTransform(cfg.arch.img_size, info.mean, info.std, scale=(cfg.min_crop_scale, 1.0))
+        self.preview, self.mean, self.std = preview_batch(cfg, processes)
+        return cfg, Augmented(dataset, transform, seed=cfg.seed)
+
+    def build_model(self, cfg: PretrainConfig) -> tuple[StarPretrainer, str]:
         model: StarPretrainer = build_model(cfg.arch)
-        preview, mean, std = preview_batch(cfg, processes)
         layout = model.layout
-        if processes.is_main:
-            print(
-                f"{cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; sequences of "
-                f"{layout.images_per_sequence} image(s), {layout.num_tokens} tokens ({layout.describe()})"
-            )
+        return model, (
+            f"sequences of {layout.images_per_sequence} image(s), {layout.num_tokens} tokens ({layout.describe()})"
+        )
 
-        def loss_fn(trained: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator):
-            return trained(images).loss, {}
+    def loss(self, model: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator):
+        return model(images).loss, {}
 
-        def end_of_epoch(epoch: int, trained: nn.Module, ema: ModelEma | None) -> dict[str, float]:
-            model.eval()
-            with torch.no_grad(), autocast(processes.device):
-                out = model(preview)
-            if processes.is_main and ((epoch + 1) % cfg.recon_every == 0 or epoch + 1 == cfg.epochs):
-                shown = preview[: 2 * layout.images_per_sequence]
-                recon = model.reconstruct(preview, out)[: len(shown)]
-                grid = torch.cat([denormalize(shown, mean, std), denormalize(recon, mean, std)])
-                save_image_grid(grid.float().cpu(), run_dir / "reconstructions.png", nrow=len(shown))
-            return {"val_loss": out.loss.item()}
+    def evaluate(self, state: TrainState, epoch: int) -> dict[str, float]:
+        model: StarPretrainer = state.module
+        model.eval()
+        with torch.no_grad(), autocast(self.processes.device):
+            out = model(self.preview)
+        if self.processes.is_main and ((epoch + 1) % self.cfg.recon_every == 0 or epoch + 1 == self.cfg.epochs):
+            shown = self.preview[: 2 * model.layout.images_per_sequence]
+            recon = model.reconstruct(self.preview, out)[: len(shown)]
+            grid = torch.cat([denormalize(shown, self.mean, self.std), denormalize(recon, self.mean, self.std)])
+            save_image_grid(grid.float().cpu(), Path(self.cfg.output_dir) / "reconstructions.png", nrow=len(shown))
+        return {"val_loss": out.loss.item()}
 
-        metrics = MetricsLog(run_dir, enabled=processes.is_main, tensorboard=cfg.tensorboard)
-        started = time.perf_counter()
-        try:
-            position = fit(
-                cfg, model=model, model_name=cfg.model, model_config=cfg.arch.to_dict(),
-                train_set=Augmented(dataset, transform, seed=cfg.seed), loss_fn=loss_fn,
-                end_of_epoch=end_of_epoch, processes=processes, metrics=metrics,
-            )  # fmt: skip
-        finally:
-            metrics.close()
-        return {"steps": position.global_step, "seconds": time.perf_counter() - started, "output_dir": str(run_dir)}
+    def summary(self) -> dict:
+        return {}
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict:
+    """Pretrain; writes config, metrics, checkpoints, curves and reconstructions to ``cfg.output_dir``."""
+    return run_job(cfg, PretrainTask())
