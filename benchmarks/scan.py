@@ -27,8 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, environment, print_table, write_json
-from starmamba.ops import selective_scan
-from starmamba.ops.scan import AUTO_ORDER, _unavailable
+from starmamba.ops import available_backends, selective_scan
 
 # (batch, dim, groups, d_state, length): small-scale finetune (4 scans stacked), small-scale STAR,
 # the paper's STAR lengths at width 384; on CUDA also the paper's STAR-B pretraining and
@@ -130,14 +129,14 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 def default_backends(device: torch.device) -> list[str]:
     """The backends that run on ``device``, and mambapy if it is installed."""
-    names = [n for n in (*AUTO_ORDER.get(device.type, ()), "reference") if not _unavailable(n, device)]
+    names = available_backends(device)
     try:
         import mambapy  # noqa: F401
 
         names.append("mambapy")
     except ImportError:
         print("mambapy is not installed: `pip install mambapy` to compare with its pscan")
-    return list(dict.fromkeys(names))
+    return names
 
 
 def measure(name: str, shape: tuple[int, ...], args) -> dict | None:

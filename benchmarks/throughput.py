@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, print_table, write_json
 from starmamba.models import SIZES, create_model, list_models, model_config
-from starmamba.ops import BACKEND_ENV, BACKENDS
+from starmamba.ops import BACKEND_ENV, available_backends
 
 
 class ViT(nn.Module):
@@ -120,7 +120,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker[0], args.worker[1], int(args.worker[2]), args)))
         return
 
-    backends = args.backends or [b for b in BACKENDS if b != "mamba_ssm" or on_gpu]
+    backends = args.backends or available_backends(torch.device(args.device))
     plan = [(m, b) for m in args.models for b in backends]
     if not args.no_vit:
         plan += [(f"vit_{m.split('_', 1)[1]}", "-") for m in args.models]

@@ -56,6 +56,11 @@ def _unavailable(name: str, device: torch.device, dtype: torch.dtype = torch.flo
     return ""
 
 
+def available_backends(device: torch.device, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Every backend that runs on ``device`` with inputs of ``dtype``, fused kernels first."""
+    return [name for name in BACKENDS if not _unavailable(name, device, dtype)]
+
+
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """Name the backend that runs on ``device`` and ``dtype``: ``backend``, else $STARMAMBA_SCAN_BACKEND, else auto.
 
