@@ -1,7 +1,6 @@
 """timm's model API on the classifier: features/head split, head reset, parameter groups, data config and
 ``forward_intermediates`` checked against the blocks run by hand."""
 
-
 import pytest
 import torch
 
