@@ -206,5 +206,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, ema: bool = False) -> P
 def run_export(cfg: ExportConfig) -> Path:
     """The ``starmamba export`` command."""
     out = export_run(cfg.run_dir, cfg.out_dir, cfg.ema)
-    print(f"wrote {out}: load it with starmamba.create_model(NAME, pretrained={str(out)!r})")
+    name = json.loads((out / "config.json").read_text(encoding="utf-8"))["architecture"]
+    print(f"wrote {out}: load it with starmamba.create_model({name!r}, pretrained={str(out)!r})")
     return out
