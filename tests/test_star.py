@@ -8,6 +8,7 @@ import torch
 from starmamba.models import create_model
 from starmamba.models.star import normalize_patches, patchify, unpatchify
 from starmamba.sequence import SeparatorPosition, SeparatorType, SeparatorValue
+from starmamba.train.optim import layer_ids
 
 
 def tiny_star(**overrides):
@@ -211,16 +212,18 @@ def test_norm_pix_matches_mae():
 def test_no_decay_and_layer_ids():
     model = tiny_star(separator_value="embedding")
     assert "encoder.pos_embed" in dict(model.named_buffers())  # fixed sin-cos while pretraining
-    skipped = {n for n, p in model.named_parameters() if model.skips_weight_decay(n, p)}
+    skipped = model.no_weight_decay()
     for name in ("separator_pos_embed", "separator_value_token", "ar_token", "decoder_separator_pos_embed",
                  "encoder.blocks.0.mixer.directions.0.A_log", "encoder.blocks.0.mixer.directions.0.D",
                  "encoder.blocks.0.norm1.weight", "decoder.blocks.0.q.bias"):  # fmt: skip
         assert name in skipped, name
     assert "encoder.blocks.0.mixer.in_proj.weight" not in skipped
     assert "decoder.blocks.0.q.weight" not in skipped
-    assert model.layer_id("encoder.blocks.1.mlp.w1.weight") == 2
-    assert model.layer_id("encoder.patch_embed.proj.weight") == 0
-    assert model.layer_id("decoder.blocks.0.q.weight") == model.num_layers - 1
+    layers, num_layers = layer_ids(model)
+    assert num_layers == model.cfg.depth + 2
+    assert layers["encoder.blocks.1.mlp.w1.weight"] == 2
+    assert layers["encoder.patch_embed.proj.weight"] == layers["separator_pos_embed"] == 0
+    assert layers["decoder.blocks.0.q.weight"] == layers["decoder_separator_pos_embed"] == num_layers - 1
 
 
 @pytest.mark.slow

@@ -1,14 +1,12 @@
 """timm's model API on the classifier: features/head split, head reset, parameter groups, data config and
 ``forward_intermediates`` checked against the blocks run by hand."""
 
-import re
-
 import pytest
 import torch
 
 from starmamba.models import ClassifierConfig, MambaMLPClassifier, create_model
 from starmamba.models.mixer import scan_orders
-from starmamba.train.optim import param_groups
+from starmamba.train.optim import layer_ids, param_groups
 
 GRID = 4  # 16 px images, 4 px patches
 
@@ -139,21 +137,6 @@ def test_reset_classifier_replaces_the_head_and_the_config():
         classifier(cls_token="none", global_pool=True).reset_classifier(3, global_pool=False)
 
 
-def timm_layer_of(names: list[str], matcher: dict[str, str]) -> dict[str, int]:
-    """timm's ``group_with_matcher`` rule: the first regex that matches gives the ordinal
-    (its key's position, then the numbers it captured); unmatched names go last; ordinals are ranked."""
-    ordinals = {}
-    for name in names:
-        ordinals[name] = (float("inf"),)
-        for position, pattern in enumerate(matcher.values()):
-            match = re.match(pattern, name)
-            if match:
-                ordinals[name] = (position, *map(float, match.groups()))
-                break
-    rank = {ordinal: i for i, ordinal in enumerate(sorted(set(ordinals.values())))}
-    return {name: rank[ordinal] for name, ordinal in ordinals.items()}
-
-
 GROUPED = {
     "middle": lambda: classifier(cls_token="middle"),
     "pooled": lambda: classifier(cls_token="none", global_pool=True, scans=1),
@@ -173,11 +156,18 @@ GROUPED = {
 @pytest.mark.parametrize("kind", sorted(GROUPED))
 def test_group_matcher_gives_the_layer_ids(kind):
     model = GROUPED[kind]()
-    names = [name for name, _ in model.named_parameters()]
+    depth = len(model.encoder.blocks)
+    expected = {}
+    for name, _ in model.named_parameters():
+        if name.startswith("encoder.blocks."):
+            expected[name] = int(name.split(".")[2]) + 1
+        elif name.startswith(("encoder.", "cls_token", "separator_pos_embed", "separator_value_token")):
+            expected[name] = 0  # the stem: patch and position embeddings, class and separator tokens
+        else:
+            expected[name] = depth + 1  # the head: norm, classifier, STAR's decoder
+    assert layer_ids(model) == (expected, depth + 2)
     for coarse in (False, True):
-        layers = timm_layer_of(names, model.group_matcher(coarse=coarse))
-        assert layers == {name: model.layer_id(name) for name in names}
-    assert max(layers.values()) == model.num_layers - 1  # stem, one group per block, head
+        assert model.group_matcher(coarse=coarse) == model.group_matcher()
 
 
 def test_no_weight_decay_is_what_the_optimizer_exempts():

@@ -9,14 +9,13 @@ import torch
 from torch import nn
 
 from starmamba.models import MambaMLPClassifier, model_config
-from starmamba.train.optim import LayeredModel, build_adamw, param_groups
+from starmamba.train.optim import build_adamw, param_groups
 from starmamba.train.schedule import effective_lr, lr_at, set_lr
 
 
 class Layered(nn.Module):
-    """Embeddings (layer 0), three blocks (1..3), norm and head (4); 1-d params and pos_embed skip decay."""
-
-    num_layers = 5
+    """timm's protocol by hand: embeddings (the stem), three blocks, then norm and head, which no pattern
+    matches (timm puts them last); 1-d params and pos_embed skip decay."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -32,19 +31,16 @@ class Layered(nn.Module):
             x = block(x)
         return self.head(self.norm(x))
 
-    def layer_id(self, name: str) -> int:
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return 0 if name.startswith(("embed.", "pos_embed")) else 4
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"} | {name for name, param in self.named_parameters() if param.ndim <= 1}
 
-    def skips_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        return param.ndim <= 1 or name == "pos_embed"
+    def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+        return {"stem": r"^embed\.|^pos_embed$", "blocks": r"^blocks\.(\d+)\."}
 
 
 def test_groups_by_layer_and_decay() -> None:
     model = Layered()
     model.blocks[2].bias.requires_grad_(False)  # frozen: no group of its own
-    assert isinstance(model, LayeredModel)
     groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
     summary = [(g["names"], g["weight_decay"], g["lr_scale"]) for g in groups]
     assert summary == [
@@ -82,15 +78,12 @@ def test_a_log_is_decayed_only_when_asked_as_arm_does(decay_a_log) -> None:
     assert decay["encoder.blocks.0.mixer.directions.0.x_proj.weight"] == 0.05
 
 
-def test_groups_refuse_models_without_layers() -> None:
-    with pytest.raises(TypeError, match="LayeredModel"):
+def test_groups_refuse_models_without_timms_protocol() -> None:
+    with pytest.raises(TypeError, match=r"no no_weight_decay\(\)"):
         param_groups(nn.Linear(2, 2), weight_decay=0.1)
-
-
-def test_groups_refuse_layer_ids_out_of_range() -> None:
     model = Layered()
-    model.layer_id = lambda name: 5
-    with pytest.raises(ValueError, match=r"outside 0\.\.4"):
+    model.group_matcher = None
+    with pytest.raises(TypeError, match=r"no group_matcher\(\)"):
         param_groups(model, weight_decay=0.1)
 
 

@@ -185,12 +185,6 @@ class MambaMLP(nn.Module):
             kept += [x] * keep.count(i)
         return x, kept
 
-    def layer_id(self, name: str) -> int:
-        """0 for the embeddings, i + 1 for block i (names relative to this module)."""
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return 0
-
 
 def skips_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Norms, biases, position/class/learned tokens, A_log and D are not decayed."""
@@ -199,28 +193,14 @@ def skips_weight_decay(name: str, param: nn.Parameter) -> bool:
 
 
 class AroundEncoder(nn.Module, HubMixin):
-    """A model built around a MambaMLP ``encoder``: what the optimizer asks of it, and Hub folders.
+    """A model built around a MambaMLP ``encoder``: timm's optimizer protocol, and Hub folders.
 
-    Layer ids for layer-wise lr decay: 0 for the embeddings (the encoder's and the ``embeddings``
-    this model adds), i + 1 for block i, ``depth + 1`` for everything after the last block.
-    ``group_matcher`` says the same in timm's form.
+    ``no_weight_decay`` and ``group_matcher`` (the stem: the encoder's embeddings and the
+    ``embeddings`` this model adds; each block; the head: everything after the last block) are what
+    ``train.optim`` builds weight decay and layer-wise lr decay from.
     """
 
     embeddings: tuple[str, ...] = ()
-
-    @property
-    def num_layers(self) -> int:
-        return self.encoder.cfg.depth + 2
-
-    def layer_id(self, name: str) -> int:
-        if name.startswith("encoder."):
-            return self.encoder.layer_id(name.removeprefix("encoder."))
-        if name.startswith(self.embeddings):
-            return 0
-        return self.encoder.cfg.depth + 1
-
-    def skips_weight_decay(self, name: str, param: nn.Parameter) -> bool:
-        return skips_weight_decay(name, param)
 
     def no_weight_decay(self) -> set[str]:
         """timm's protocol: names of every parameter that is not decayed (see ``skips_weight_decay``)."""

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
-import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -15,28 +13,32 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class ModelEma:
-    """A frozen copy of a model whose weights follow ``ema = decay * ema + (1 - decay) * weights``.
+    """A frozen copy of a model whose parameters follow ``ema = decay * ema + (1 - decay) * weights``.
 
-    Floating-point parameters and buffers are averaged; other buffers (counters) are copied.
+    torch's ``AveragedModel`` with its EMA function does the averaging (one foreach lerp per device and
+    dtype); buffers follow the model (ours are fixed tables and indices, no running statistics). The
+    average starts at the model's weights, so the first update already moves it by ``1 - decay``.
+    ``state_dict()`` is the averaged model's own, so checkpoints hold a plain model state dict.
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
         self.decay = decay
-        self.module = copy.deepcopy(unwrap(model)).eval()
-        self.module.requires_grad_(False)
+        model = unwrap(model)
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+        # AveragedModel's first update copies the weights; done here, every update() is an EMA step.
+        self.averaged.update_parameters(model)
+        self.averaged.eval().requires_grad_(False)
 
-    @torch.no_grad()
+    @property
+    def module(self) -> nn.Module:
+        """The averaged model, in eval mode."""
+        return self.averaged.module
+
     def update(self, model: nn.Module) -> None:
         """Move the average towards ``model``'s current weights; call after each optimizer step."""
-        weights = unwrap(model).state_dict()
-        for name, average in self.module.state_dict().items():
-            value = weights[name].detach()
-            if average.is_floating_point():
-                average.mul_(self.decay).add_(value.to(average.dtype), alpha=1.0 - self.decay)
-            else:
-                average.copy_(value)
+        self.averaged.update_parameters(unwrap(model))
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.module.state_dict()
