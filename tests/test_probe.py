@@ -133,7 +133,8 @@ def test_evaluate_probe_reads_a_pretraining_checkpoint(tmp_path, capsys, probe):
     model = star_model(img_size=32)
     export_weights(tmp_path / "model.safetensors", model.state_dict(), "star_tiny", model.cfg.to_dict())
     args = ["evaluate", "--checkpoint", str(tmp_path / "model.safetensors"), "--data_path", "synthetic",
-            "--probe", probe, "--num_workers", "0", "--device", "cpu", "--limit_train", "128", "--limit_val", "64"]  # fmt: skip
+            "--probe", probe, "--num_workers", "0", "--device", "cpu", "--limit_train", "128",
+            "--limit_val", "64"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "pretrained encoder" in out and "128 training, 64 validation images" in out
