@@ -1,14 +1,15 @@
 """Frozen-feature probes: cosine k-NN (DINO's weighted vote) and a linear classifier on pooled features.
 
 What is pooled: the mean of one image's patch tokens after the last block, each token
-layer-normalised. For a finetuned classifier that is its own final norm and (default) readout;
+layer-normalised. For a finetuned classifier that is its final norm and its default readout (the
+class token, if any, is left out whatever its readout, so that every checkpoint is probed alike);
 for a pretrained STAR/ARM encoder it is the encoder as it was trained: one causal scan over the
 image's clusters in pretraining order, with the separator unit in front exactly as the first image
 of a pretraining sequence sees it (the separator is what every image followed in training, and the
 first image's state starts from zero as here), separator tokens left out of the mean. The mean,
-not the last token, because a causal scan's last token mostly encodes the next cluster to predict,
-while every patch token holds its own patch and what preceded it; it is also the classifier's
-default readout (ARM's ``--global_pool``), so probe and finetune read the same thing.
+not the last token: the last cluster was trained to predict what follows the image (STAR: the next
+separator; ARM never feeds it), while every patch token holds its own patch and what preceded it.
+It is also the classifier's default readout (ARM's ``--global_pool``), so probe and finetune read the same thing.
 """
 
 from __future__ import annotations
