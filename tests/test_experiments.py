@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import statistics
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -62,8 +63,13 @@ def fake_runs(monkeypatch):
         bonus = 1.0 if options.get("cls_token") == "tail" else 0.0
         return {"acc1": 80.0 + seed + bonus, "ema_acc1": 81.0 + 2 * seed, "output_dir": f"fine-{len(calls)}"}
 
+    def knn_probe(scale, root, seed, pre, star):
+        calls.setdefault("probe", []).append((seed, pre["output_dir"]))
+        return {"acc1": 60.0 + 3 * seed + len(json.dumps(star))}  # rows differ by their options' length
+
     monkeypatch.setattr(ablate, "pretrain", pretrain)
     monkeypatch.setattr(ablate, "finetune", finetune)
+    monkeypatch.setattr(ablate, "knn_probe", knn_probe)
     return calls
 
 
@@ -75,7 +81,15 @@ def test_rows_sharing_a_pretraining_pretrain_once_per_seed(tmp_path, fake_runs):
     assert middle["acc1"]["mean"] == 81.0 and middle["acc1"]["std"] == pytest.approx(1.0)
     assert middle["ema_acc1"]["std"] == pytest.approx(statistics.stdev([81.0, 83.0, 85.0]))
     markdown = (tmp_path / "table5.md").read_text()
-    assert "| STAR* (tail class token) | 81.89 | 82.61 | 82.00 ± 1.00 | 83.00 ± 2.00 |" in markdown
+    assert len(fake_runs["probe"]) == 3  # one probe per pretraining
+    knn = 60.0 + len(json.dumps(ablate.TABLES[5][1][0].star))
+    assert middle["knn_acc1"]["values"] == tail["knn_acc1"]["values"] == [knn, knn + 3, knn + 6]
+    # paired per seed: tail - middle = 1 on every seed, so no spread
+    assert tail["acc1_vs_first"] == {"differences": [1.0, 1.0, 1.0], "mean": 1.0, "std": 0.0, "seeds": 3}
+    assert (
+        f"| STAR* (tail class token) | 81.89 | 82.61 | {knn + 3:.2f} ± 3.00 | +0.00 ± 0.00 | 82.00 ± 1.00 "
+        "| +1.00 ± 0.00 | 83.00 ± 2.00 |" in markdown
+    )
     assert json.loads((tmp_path / "table5.json").read_text())["rows"][1]["label"] == "STAR* (tail class token)"
 
 
@@ -118,6 +132,17 @@ def test_each_table_runs_every_choice_of_its_option(tmp_path, table, option, cho
     assert {row.classifier["cls_token"] for row in ablate.TABLES[5][1]} == set(get_args(ClassToken)) - {"none"}
 
 
+def test_no_finetune_reports_the_probe_alone(tmp_path, fake_runs):
+    config = ablate.AblateConfig(table=1, seeds=2, out=str(tmp_path), progress=False, finetune=False)
+    report = ablate.run_ablation(config)
+    assert fake_runs["finetune"] == [] and len(fake_runs["probe"]) == 8
+    arm, none = report["rows"][:2]
+    # Rows differ in their options; seeds 0 and 1 add 0 and 3 to every row alike.
+    gap = len(json.dumps(none["star"])) - len(json.dumps(arm["star"]))
+    assert none["knn_acc1_vs_first"]["differences"] == [gap, gap] and none["acc1"] is None
+    assert "| None | 78.64 | 78.63 |" in (tmp_path / "table1.md").read_text()
+
+
 def test_table_5_runs_both_readouts_from_one_pretraining_per_seed(tmp_path, fake_runs):
     config = ablate.AblateConfig(table=5, seeds=2, out=str(tmp_path), progress=False, readout="both")
     report = ablate.run_ablation(config)
@@ -141,3 +166,21 @@ def test_one_readout_is_every_rows_readout_and_named_in_the_title(tmp_path, fake
     assert {options["global_pool"] for _, _, options in fake_runs["finetune"]} == {pooled}
     assert report["title"].endswith(ablate.READOUT_NAMES[readout])
     assert ablate.AblateConfig(table=1).readout == "mean"  # ARM's finetuning recipe
+
+
+def test_low_label_finetuning_takes_as_many_steps_as_full_label():
+    from starmamba.experiments import EPOCHS, FINETUNE_IMAGES, low_label_options
+
+    scale = Scale(budget=1.0)
+    options = low_label_options(scale, num_classes=10, per_class=100)
+    # 4096 images x 2 epochs at budget 1 = 8192 images seen; 1000 labelled images -> 8 epochs
+    assert options == {"labels_per_class": 100, "limit_train": None, "epochs": 8, "warmup_epochs": 0.25 * 4.096}
+    assert scale.images(FINETUNE_IMAGES) * EPOCHS == 8192
+    config = dataclasses.replace(finetune_config(scale, Path("runs"), 0), **options)
+    assert config.labels_per_class == 100 and config.limit_train is None
+
+
+def test_every_small_scale_number_is_on_the_whole_validation_split_by_default(tmp_path):
+    assert Scale().val_images is None
+    assert finetune_config(Scale(), tmp_path, 0).limit_val is None
+    assert pretrain_config(Scale(), tmp_path, 0).limit_val is None

@@ -1,7 +1,10 @@
 """``starmamba ablate TABLE``: the paper's ablation Tables 1-5, rerun at an affordable scale.
 
-Every row is pretrained and finetuned with the same budget and data for each seed; the table shows
-our mean +- std next to the paper's ImageNet numbers (MambaMLP-B, 200 epochs). Runs are cached by a
+Every row is pretrained with the same budget and data for each seed, its encoder measured by the
+k-NN probe top-1 of its frozen features (the primary small-scale metric: no finetuning noise) and,
+unless ``--no_finetune``, finetuned; every top-1 is on the whole validation split. The table shows
+our mean +- std next to the paper's ImageNet numbers (MambaMLP-B, 200 epochs), and each row's
+paired per-seed difference from the first row. Runs are cached by a
 hash of their config, so a rerun skips what has finished and rows that share a pretraining (Table 5)
 pretrain once. ``--jobs`` runs several seeds/rows at once, one GPU each when there are GPUs.
 
@@ -24,7 +27,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from starmamba.experiments import Scale, finetune, pretrain
+from starmamba.experiments import Scale, finetune, knn_probe, pretrain
 from starmamba.files import write_json, write_text
 from starmamba.train.config import DataPath
 
@@ -103,7 +106,10 @@ class AblateConfig:
     jobs: int = 1
     """runs at once (processes; one GPU each when there are GPUs)"""
     out: str = "reports/ablations"
-    val_images: int = 1000
+    val_images: int | None = None
+    """validation images every top-1 is measured on (None: the whole validation split)"""
+    finetune: bool = True
+    """also finetune every row (--no_finetune: the k-NN probe only, where the budget allows no more)"""
     progress: bool = True
     readout: Readout = "mean"
     """'mean' of the patch tokens (ARM's recipe), the 'class_token', or 'both': every row with each"""
@@ -120,10 +126,16 @@ def with_readouts(rows: list[Row], readout: Readout) -> list[Row]:
     ]
 
 
-def _run_group(scale: Scale, root: str, seed: int, star: dict, classifiers: list[dict]) -> list[dict]:
-    """Pretrain once, finetune every classifier variant; results in the order given."""
+def _run_group(
+    scale: Scale, root: str, seed: int, star: dict, classifiers: list[dict], with_finetune: bool = True
+) -> list[dict]:
+    """Pretrain and probe once, finetune every classifier variant (if ``with_finetune``); results in the order given."""
     pre = pretrain(scale, Path(root), seed, star)
-    return [{"pre": pre, "fine": finetune(scale, Path(root), seed, pre, options)} for options in classifiers]
+    probe = knn_probe(scale, Path(root), seed, pre, star)
+    return [
+        {"pre": pre, "probe": probe, "fine": finetune(scale, Path(root), seed, pre, options) if with_finetune else None}
+        for options in classifiers
+    ]
 
 
 def _init_worker(slots) -> None:
@@ -150,7 +162,9 @@ def run_ablation(cfg: AblateConfig) -> dict:
     for i, row in enumerate(rows):
         groups.setdefault(json.dumps(row.star, sort_keys=True), []).append(i)
     tasks = [(seed, members) for seed in range(cfg.seeds) for members in groups.values()]
-    args = [(scale, str(root), seed, rows[m[0]].star, [rows[i].classifier for i in m]) for seed, m in tasks]
+    args = [
+        (scale, str(root), seed, rows[m[0]].star, [rows[i].classifier for i in m], cfg.finetune) for seed, m in tasks
+    ]
     if cfg.jobs > 1:
         import torch
 
@@ -181,7 +195,9 @@ def run_ablation(cfg: AblateConfig) -> dict:
     return report
 
 
-def _mean_std(values: Sequence[float]) -> dict:
+def _mean_std(values: Sequence[float | None]) -> dict | None:
+    if any(value is None for value in values):
+        return None
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -190,39 +206,61 @@ def _mean_std(values: Sequence[float]) -> dict:
 
 
 def summarise(cfg: AblateConfig, title: str, rows: list[Row], per_row: list[list[dict]]) -> dict:
+    from starmamba.reports import paired_difference
+
     entries = []
     for row, results in zip(rows, per_row, strict=True):
+        fine = [r["fine"] or {} for r in results]
         entries.append({
             "label": row.label, "star": row.star, "classifier": row.classifier,
             "paper_ft": row.paper_ft, "paper_ema": row.paper_ema, "paper_hours": row.paper_hours,
-            "acc1": _mean_std([r["fine"]["acc1"] for r in results]),
-            "ema_acc1": _mean_std([r["fine"]["ema_acc1"] for r in results]),
+            "knn_acc1": _mean_std([r["probe"]["acc1"] for r in results]),
+            "acc1": _mean_std([f.get("acc1") for f in fine]),
+            "ema_acc1": _mean_std([f.get("ema_acc1") for f in fine]),
             "pretrain_seconds": _mean_std([r["pre"]["seconds"] for r in results]),
-            "runs": [{"pretrain": r["pre"]["output_dir"], "finetune": r["fine"]["output_dir"]} for r in results],
+            "runs": [{"pretrain": r["pre"]["output_dir"], "finetune": f.get("output_dir")}
+                     for r, f in zip(results, fine, strict=True)],
         })  # fmt: skip
-    return {"table": cfg.table, "title": title, "seeds": cfg.seeds, "budget": cfg.budget,
-            "data_path": cfg.data_path, "rows": entries}  # fmt: skip
+    for entry in entries:  # seeds are paired: the same seed of every row shares data order and initialisation
+        for metric in ("knn_acc1", "acc1"):
+            if entry[metric] is not None:
+                entry[f"{metric}_vs_first"] = paired_difference(entry[metric]["values"], entries[0][metric]["values"])
+    return {"table": cfg.table, "title": title, "seeds": list(range(cfg.seeds)), "budget": cfg.budget,
+            "data_path": cfg.data_path, "val_images": cfg.val_images, "rows": entries}  # fmt: skip
+
+
+def _cell(stat: dict | None) -> str:
+    return "-" if stat is None else f"{stat['mean']:.2f} ± {stat['std']:.2f}"
+
+
+def _difference(diff: dict | None) -> str:
+    if diff is None:
+        return "-"
+    return f"{diff['mean']:+.2f}" + (f" ± {diff['std']:.2f}" if diff["std"] is not None else "")
 
 
 def table_markdown(report: dict) -> str:
     with_time = report["table"] == 3
-    head = "| row | paper FT | paper EMA | ours top-1 | ours EMA top-1 |"
-    rule = "|---|---:|---:|---:|---:|"
+    first = report["rows"][0]["label"]
+    head = f"| row | paper FT | paper EMA | ours k-NN top-1 | vs {first} | ours top-1 | vs {first} | ours EMA top-1 |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
     if with_time:
         head += " paper time (h) | ours pretrain (s) |"
         rule += "---:|---:|"
     lines = [
         f"**{report['title']}** — paper: ImageNet-1k, MambaMLP-B, 200 epochs. Ours: {report['data_path']}, "
-        f"budget {report['budget']}, mean ± std over {report['seeds']} seed(s).",
+        f"budget {report['budget']}, mean ± std over seeds {report['seeds']}; "
+        f"k-NN: cosine k-NN probe (k=20) of the pretrained encoder; 'vs' columns: paired per-seed difference "
+        "from the first row, mean ± std.",
         "",
         head,
         rule,
     ]
     for e in report["rows"]:
         line = (
-            f"| {e['label']} | {e['paper_ft']:.2f} | {e['paper_ema']:.2f} | "
-            f"{e['acc1']['mean']:.2f} ± {e['acc1']['std']:.2f} | "
-            f"{e['ema_acc1']['mean']:.2f} ± {e['ema_acc1']['std']:.2f} |"
+            f"| {e['label']} | {e['paper_ft']:.2f} | {e['paper_ema']:.2f} | {_cell(e['knn_acc1'])} | "
+            f"{_difference(e.get('knn_acc1_vs_first'))} | {_cell(e['acc1'])} | "
+            f"{_difference(e.get('acc1_vs_first'))} | {_cell(e['ema_acc1'])} |"
         )
         if with_time:
             line += f" {e['paper_hours']:.1f} | {e['pretrain_seconds']['mean']:.0f} |"

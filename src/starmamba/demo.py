@@ -1,19 +1,33 @@
-"""``starmamba demo``: STAR against ARM and training from scratch, on Fashion-MNIST, in minutes on a CPU.
+"""``starmamba demo``: STAR against ARM and no pretraining, on Fashion-MNIST, in minutes on a CPU.
 
-Pretrains a small STAR model and finetunes it; as controls, pretrains ARM (one image per sequence,
-no separator) with the same budget and finetunes it, and trains the same classifier from scratch
-with the same finetuning budget. Writes a report folder: the table as Markdown and JSON, the loss
-and accuracy curves and the reconstructions of both pretrained models as PNG.
+Pretrains a small STAR model; as controls, pretrains ARM (one image per sequence, no separator) with
+the same budget, and uses no pretraining at all. Each method is measured three ways, on the whole
+validation split: the k-NN probe top-1 of its encoder's frozen features (for "no pretraining", the
+same encoder at random initialisation), the top-1 after finetuning on ``labels_per_class`` labels per
+class, and after finetuning on the full-label budget. With ``--seeds`` >= 2 every comparison is the
+paired per-seed difference, mean ± std, and the report says whether it exceeds that noise. Writes a
+report folder: the table as Markdown and JSON, loss and accuracy curves and the reconstructions.
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from starmamba.experiments import Scale, finetune, pretrain
+from starmamba.config import check_positive
+from starmamba.experiments import (
+    EPOCHS,
+    LOW_LABELS_PER_CLASS,
+    PRETRAIN_IMAGES,
+    Scale,
+    finetune,
+    knn_probe,
+    low_label_options,
+    pretrain,
+)
 from starmamba.files import write_json
 from starmamba.train.config import DataPath
 
@@ -22,66 +36,148 @@ METHODS = {
     "ARM": {"images_per_sequence": 1, "separator": "none"},
     "from scratch": None,
 }
+METRICS = {
+    "knn_acc1": "k-NN probe top-1",
+    "low_label_acc1": "low-label finetune top-1",
+    "acc1": "full-label finetune top-1",
+}
+COMPARISONS = (("STAR", "ARM"), ("STAR", "from scratch"), ("ARM", "from scratch"))
 
 
 @dataclass
 class DemoConfig:
-    """Pretrain STAR and ARM, finetune both and a from-scratch control; report the table."""
+    """Pretrain STAR and ARM; probe and finetune both and a no-pretraining control; report the table."""
 
     out: str = "reports/demo"
     """report folder (its runs/ subfolder keeps every run)"""
     budget: float = 1.0
-    """scales the training images of every run; 1.0 takes about 11 minutes on 2 CPU cores"""
+    """scales the training images of every run"""
     data_path: DataPath = "fashion_mnist"
     seed: int = 0
-    val_images: int = 1000
-    """validation images used for top-1"""
+    """the first seed"""
+    seeds: int = 1
+    """seeds seed, seed + 1, ...: every method runs with each; 2 or more measure the noise of each comparison"""
+    labels_per_class: int = LOW_LABELS_PER_CLASS
+    """labels per class of the low-label finetuning"""
+    val_images: int | None = None
+    """validation images every top-1 is measured on (None: the whole validation split)"""
     num_workers: int = 1
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        check_positive("budget", self.budget)
+        check_positive("seeds", self.seeds)
+        check_positive("labels_per_class", self.labels_per_class)
+        if self.val_images is not None:
+            check_positive("val_images", self.val_images)
+
 
 def run_demo(cfg: DemoConfig) -> list[dict]:
+    """Every (method, seed) run; writes the report. Rows are in method order, then seed order."""
+    from starmamba.data import build_dataset
+
     out = Path(cfg.out)
     runs = out / "runs"
     if runs.exists():
         shutil.rmtree(runs)  # a demo always starts afresh, so that its numbers are this run's
     scale = Scale(cfg.budget, cfg.data_path, cfg.val_images, cfg.num_workers, cfg.progress)
+    pretrain_images = scale.images(PRETRAIN_IMAGES) * EPOCHS
+    low_label = low_label_options(scale, build_dataset(cfg.data_path, "train").info.num_classes, cfg.labels_per_class)
     started = time.perf_counter()
     rows = []
     for i, (method, options) in enumerate(METHODS.items(), start=1):
-        print(f"\n[{i}/{len(METHODS)}] {method}: " + ("pretrain, then finetune" if options is not None else "finetune"))
-        folder = runs / method.replace(" ", "_")
-        pre = pretrain(scale, folder, cfg.seed, options) if options is not None else None
-        fine = finetune(scale, folder, cfg.seed, pre)
-        rows.append({
-            "method": method, "pretrain_seconds": pre["seconds"] if pre else None, "acc1": fine["acc1"],
-            "ema_acc1": fine.get("ema_acc1"), "finetune_seconds": fine["seconds"],
-            "pretrain_dir": pre["output_dir"] if pre else None, "finetune_dir": fine["output_dir"],
-        })  # fmt: skip
+        for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+            steps = "pretrain, probe, finetune" if options is not None else "probe the random encoder, finetune"
+            print(f"\n[{i}/{len(METHODS)}] {method}, seed {seed}: {steps}")
+            folder = runs / method.replace(" ", "_")
+            pre = pretrain(scale, folder, seed, options) if options is not None else None
+            probe = knn_probe(scale, folder, seed, pre, options if options is not None else METHODS["STAR"])
+            low = finetune(scale, folder, seed, pre, overrides=low_label)
+            fine = finetune(scale, folder, seed, pre)
+            rows.append({
+                "method": method, "seed": seed, "knn_acc1": probe["acc1"], "low_label_acc1": low["acc1"],
+                "low_label_ema_acc1": low.get("ema_acc1"), "acc1": fine["acc1"], "ema_acc1": fine.get("ema_acc1"),
+                "pretrain_seconds": pre["seconds"] if pre else None,
+                "pretrain_ms_per_image": 1000 * pre["seconds"] / pretrain_images if pre else None,
+                "finetune_seconds": fine["seconds"], "pretrain_dir": pre["output_dir"] if pre else None,
+                "finetune_dir": fine["output_dir"], "low_label_dir": low["output_dir"],
+            })  # fmt: skip
     wall = time.perf_counter() - started
     write_report(out, rows, cfg, wall)
     return rows
 
 
-def table_markdown(rows: list[dict]) -> str:
-    lines = ["| method | pretrain time (s) | finetune top-1 (%) | EMA top-1 (%) |", "|---|---:|---:|---:|"]
-    for row in rows:
-        pre = f"{row['pretrain_seconds']:.0f}" if row["pretrain_seconds"] is not None else "-"
-        ema = f"{row['ema_acc1']:.2f}" if row.get("ema_acc1") is not None else "-"
-        lines.append(f"| {row['method']} | {pre} | {row['acc1']:.2f} | {ema} |")
+def summarise(rows: list[dict]) -> dict[str, dict]:
+    """Per method and metric: {"mean", "std" (None for one seed), "values"} over its seeds."""
+    summary = {}
+    for method in METHODS:
+        mine = [row for row in rows if row["method"] == method]
+        summary[method] = {}
+        for metric in (*METRICS, "pretrain_seconds", "pretrain_ms_per_image"):
+            values = [row[metric] for row in mine if row[metric] is not None]
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else None
+                summary[method][metric] = {"mean": statistics.fmean(values), "std": std, "values": values}
+    return summary
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """Every comparison of :data:`COMPARISONS` on every metric: the paired per-seed difference and its verdict."""
+    from starmamba.reports import noise_verdict, paired_difference
+
+    result = []
+    for a, b in COMPARISONS:
+        for metric, name in METRICS.items():
+            by_seed = {m: {row["seed"]: row[metric] for row in rows if row["method"] == m} for m in (a, b)}
+            seeds = sorted(by_seed[a])
+            diff = paired_difference([by_seed[a][s] for s in seeds], [by_seed[b][s] for s in seeds])
+            result.append(
+                {"a": a, "b": b, "metric": metric, **diff, "verdict": noise_verdict(f"{a} - {b}", name, diff)}
+            )
+    return result
+
+
+def _cell(stat: dict | None, digits: int = 2) -> str:
+    if stat is None:
+        return "-"
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def table_markdown(summary: dict[str, dict], labels_per_class: int) -> str:
+    lines = [
+        "| method | pretrain time (s) | pretrain ms/image | k-NN probe top-1 (%) "
+        f"| finetune top-1, {labels_per_class} labels/class (%) | finetune top-1, all labels (%) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for method, stats in summary.items():
+        cells = [
+            _cell(stats.get("pretrain_seconds"), 0),
+            _cell(stats.get("pretrain_ms_per_image"), 1),
+            *(_cell(stats.get(metric)) for metric in METRICS),
+        ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_report(out: Path, rows: list[dict], cfg: DemoConfig, wall: float) -> None:
     from starmamba.reports import demo_figures
 
-    table = table_markdown(rows)
+    summary = summarise(rows)
+    compared = comparisons(rows)
+    table = table_markdown(summary, cfg.labels_per_class)
+    verdicts = "\n".join(f"- {c['verdict']}" for c in compared)
+    seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
+    val = "the whole validation split" if cfg.val_images is None else f"{cfg.val_images} validation images"
     header = (
-        f"# starmamba demo\n\nData: {cfg.data_path}, budget {cfg.budget}, seed {cfg.seed}; "
-        f"top-1 on {cfg.val_images} validation images. Wall time {wall / 60:.1f} min.\n\n"
+        f"# starmamba demo\n\nData: {cfg.data_path}, budget {cfg.budget}, seeds {seeds}; every top-1 on {val}"
+        f" (mean ± std over seeds). Wall time {wall / 60:.1f} min.\n\n"
     )
-    (out / "table.md").write_text(header + table + "\n")
-    write_json(out / "table.json", {"rows": rows, "budget": cfg.budget, "seed": cfg.seed, "wall_seconds": wall})
-    demo_figures(rows, out)
-    print("\n" + table)
+    comparison_text = "## Comparisons (paired per seed)\n\n" + verdicts
+    (out / "table.md").write_text(header + table + "\n\n" + comparison_text + "\n")
+    write_json(out / "table.json", {
+        "rows": rows, "summary": summary, "comparisons": compared, "budget": cfg.budget, "seeds": seeds,
+        "labels_per_class": cfg.labels_per_class, "val_images": cfg.val_images, "wall_seconds": wall,
+    })  # fmt: skip
+    demo_figures([row for row in rows if row["seed"] == cfg.seed], out)
+    print("\n" + table + "\n\n" + verdicts)
     print(f"\nreport written to {out}/ (table.md, table.json, curves.png, reconstructions.png) in {wall / 60:.1f} min")

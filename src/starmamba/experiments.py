@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starmamba.files import write_json
-from starmamba.models import model_config
+from starmamba.models import StarConfig, model_config
 from starmamba.train.config import FinetuneConfig, PretrainConfig, to_dict
 
 SMALL_ARCH = dict(img_size=24, patch_size=4, dim=96, depth=6)
 SMALL_DECODER = dict(decoder_dim=128, decoder_head_dim=32)
 PRETRAIN_IMAGES = 6_144  # per epoch at budget 1
 FINETUNE_IMAGES = 4_096
+PROBE_IMAGES = 10_240  # the k-NN probe's bank of training images at budget 1
+LOW_LABELS_PER_CLASS = 100
 EPOCHS = 2
 BATCH = 64
 
@@ -33,7 +35,8 @@ class Scale:
 
     budget: float = 1.0
     data_path: str = "fashion_mnist"
-    val_images: int = 1000
+    val_images: int | None = None
+    """validation images every top-1 is measured on (None: the whole validation split)"""
     num_workers: int = 1
     progress: bool = True
 
@@ -76,6 +79,48 @@ def finetune_config(scale: Scale, out: Path, seed: int, pretrained: str = "", **
     )  # fmt: skip
 
 
+def low_label_options(scale: Scale, num_classes: int, per_class: int = LOW_LABELS_PER_CLASS) -> dict:
+    """FinetuneConfig overrides for finetuning on ``per_class`` labels per class with as many optimizer
+    steps (and the same warmup in steps) as a full-label run at ``scale``: more epochs over fewer images."""
+    repeat = scale.images(FINETUNE_IMAGES) / (per_class * num_classes)
+    return {"labels_per_class": per_class, "limit_train": None, "epochs": max(1, round(EPOCHS * repeat)),
+            "warmup_epochs": 0.25 * repeat}  # fmt: skip
+
+
+@dataclass
+class ProbeConfig:
+    """A k-NN probe of an encoder: pretrained ``weights``, or ``arch`` initialised with ``seed`` when ''."""
+
+    arch: StarConfig
+    weights: str
+    data_path: str
+    seed: int
+    train_images: int
+    val_images: int | None
+    output_dir: str = ""
+
+
+def run_probe_config(config: ProbeConfig) -> dict:
+    """The k-NN top-1 of ``config``'s encoder, read as in pretraining (see :mod:`starmamba.train.probe`)."""
+    import torch
+
+    from starmamba.models import StarPretrainer
+    from starmamba.train.loading import load_probe_model
+    from starmamba.train.probe import probe_model
+
+    if config.weights:
+        model, _ = load_probe_model(config.weights)
+    else:
+        torch.manual_seed(config.seed)
+        model = StarPretrainer(config.arch)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = probe_model(
+        model, config.data_path, "knn", device, crop_pct=1.0, limit_train=config.train_images,
+        limit_val=config.val_images,
+    )  # fmt: skip
+    return result | {"output_dir": config.output_dir, "seed": config.seed}
+
+
 def config_key(config) -> str:
     """A short hash of what decides a run's outcome (not where it writes or how it shows progress)."""
     values = to_dict(config)
@@ -99,15 +144,27 @@ def pretrain(scale: Scale, root: Path, seed: int, star_options: dict) -> dict:
     """A cached small-scale pretraining run; the result names its folder and weights."""
     from starmamba.train.pretrain import run_pretrain
 
-    return cached_run(root, pretrain_config(scale, root, seed, **star_options), run_pretrain)
+    return cached_run(root, pretrain_config(scale, root, seed, **star_options), run_pretrain) | {"seed": seed}
 
 
 def finetune(
-    scale: Scale, root: Path, seed: int, pretrained: dict | None, classifier_options: dict | None = None
-) -> dict:
-    """A cached small-scale finetuning run, from a :func:`pretrain` result or from scratch."""
+    scale: Scale, root: Path, seed: int, pretrained: dict | None, classifier_options: dict | None = None,
+    overrides: dict | None = None,
+) -> dict:  # fmt: skip
+    """A cached small-scale finetuning run, from a :func:`pretrain` result or from scratch; ``overrides``
+    replace FinetuneConfig options (e.g. :func:`low_label_options`)."""
     from starmamba.train.finetune import run_finetune
 
     weights = str(Path(pretrained["output_dir"]) / "model.safetensors") if pretrained else ""
     config = finetune_config(scale, root, seed, weights, **(classifier_options or {}))
-    return cached_run(root, config, run_finetune)
+    config = dataclasses.replace(config, **(overrides or {}))
+    return cached_run(root, config, run_finetune) | {"seed": seed}
+
+
+def knn_probe(scale: Scale, root: Path, seed: int, pretrained: dict | None, star_options: dict) -> dict:
+    """A cached k-NN probe of a :func:`pretrain` result's encoder, or (``pretrained`` None) of the encoder of
+    ``star_options`` at random initialisation with ``seed``. The bank is the first training images."""
+    weights = str(Path(pretrained["output_dir"]) / "model.safetensors") if pretrained else ""
+    arch = pretrain_config(scale, root, seed, **star_options).arch
+    config = ProbeConfig(arch, weights, scale.data_path, seed, scale.images(PROBE_IMAGES), scale.val_images)
+    return cached_run(root, config, run_probe_config)

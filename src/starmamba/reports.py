@@ -1,13 +1,41 @@
-"""Figures for the demo and ablation reports, drawn from the runs' metrics.jsonl and images."""
+"""The demo's and ablations' reports: paired comparisons between methods, and figures drawn from the
+runs' metrics.jsonl and images."""
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from starmamba.files import atomic_write
 from starmamba.train.metrics import read_metrics
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """``a`` minus ``b``, seed by seed (the two lists in the same seed order).
+
+    Returns {"differences", "mean", "std" (sample std of the differences; None for one seed), "seeds"}.
+    Seeds are paired (same data order, same initialisation of shared parts), so the spread of the
+    differences, not of each method on its own, is the noise a comparison has to beat.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired results need the same, non-zero number of seeds; got {len(a)} and {len(b)}")
+    differences = [x - y for x, y in zip(a, b, strict=True)]
+    std = statistics.stdev(differences) if len(differences) > 1 else None
+    return {"differences": differences, "mean": statistics.fmean(differences), "std": std, "seeds": len(a)}
+
+
+def noise_verdict(name: str, metric: str, diff: dict) -> str:
+    """One line saying whether a :func:`paired_difference` exceeds its measured noise (|mean| > paired std)."""
+    head = f"{name}, {metric}: {diff['mean']:+.2f} points"
+    if diff["std"] is None:
+        return f"{head} (1 seed: noise unmeasured; run --seeds 2 or more to tell)"
+    spread = f" ± {diff['std']:.2f} (paired std over {diff['seeds']} seeds)"
+    if abs(diff["mean"]) > diff["std"]:
+        return f"{head}{spread}: larger than the noise"
+    return f"{head}{spread}: within the noise"
 
 
 def demo_figures(rows: list[dict], out: Path) -> None:

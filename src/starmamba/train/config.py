@@ -24,6 +24,7 @@ from starmamba.models import ClassifierConfig, StarConfig, model_config
 
 Device = Literal["auto", "cpu", "cuda"]
 EvalResize = Literal["square", "shorter"]
+ProbeChoice = Literal["none", "knn", "linear"]
 DataPath = Annotated[str, tyro.conf.arg(aliases=("--data",))]
 """A data location; ``--data`` is accepted as a short form of ``--data_path``."""
 
@@ -185,6 +186,9 @@ class FinetuneConfig(RunConfig):
     'shorter': resize the shorter side, keeping the aspect (timm/torchvision)"""
     eval_every: int = 1
     """epochs between evaluations (the last epoch is always evaluated)"""
+    labels_per_class: int | None = None
+    """low-label finetuning: train on a balanced subset of N labelled images per class, drawn with --seed
+    from the (--limit_train) training set; the rest is unused (None: every image)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -207,16 +211,28 @@ class FinetuneConfig(RunConfig):
         for name in ("mixup", "cutmix"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_positive("eval_every", self.eval_every)
+        if self.labels_per_class is not None:
+            check_positive("labels_per_class", self.labels_per_class)
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ValueError(f"batch_size={self.batch_size} must be even for Mixup/CutMix (pairs are mixed)")
 
 
 @dataclass
 class EvaluateConfig:
-    """Top-1 / top-5 of a classifier checkpoint on a validation split."""
+    """Top-1 / top-5 of a classifier checkpoint on a validation split, or the top-1 of a probe on the
+    frozen features of a classifier or a pretrained encoder (--probe knn|linear)."""
 
     checkpoint: str
-    """a starmamba checkpoint directory or .safetensors file, or ARM's finetuned .pth"""
+    """a starmamba checkpoint directory or .safetensors file, or ARM's finetuned .pth; with --probe also a
+    starmamba pretraining run (STAR or ARM)"""
+    probe: ProbeChoice = "none"
+    """'none': the classifier's own top-1/top-5; 'knn': cosine k-NN on pooled frozen features (DINO's
+    vote, k=--knn_k, weights exp(sim / --knn_temperature)); 'linear': a linear classifier on the frozen,
+    standardised features fitted to convergence (L-BFGS). Features of the training split are the bank"""
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    limit_train: int | None = None
+    """with --probe: use only the first N training images as the probe's training set"""
     data_path: DataPath = "fashion_mnist"
     batch_size: int = 128
     num_workers: int = 4
@@ -235,6 +251,9 @@ class EvaluateConfig:
         check_fraction("max_unreadable", self.max_unreadable)
         check_positive("batch_size", self.batch_size)
         check_choice("device", self.device, Device)
+        check_choice("probe", self.probe, ProbeChoice)
+        check_positive("knn_k", self.knn_k)
+        check_positive("knn_temperature", self.knn_temperature)
         if self.eval_resize is not None:
             check_choice("eval_resize", self.eval_resize, EvalResize)
 

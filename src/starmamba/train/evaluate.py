@@ -60,7 +60,12 @@ def run_eval_options(checkpoint: Path) -> dict:
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
-    """Load a classifier checkpoint (ours or ARM's) and print its top-1 / top-5 on the validation split."""
+    """Load a classifier checkpoint (ours or ARM's) and print its top-1 / top-5 on the validation split
+    (with ``--probe``, the top-1 of a probe on its frozen features: :func:`starmamba.train.probe.run_probe`)."""
+    if cfg.probe != "none":
+        from starmamba.train.probe import run_probe
+
+        return run_probe(cfg)
     with joined(cfg.device) as processes:
         model, description = load_classifier(cfg.checkpoint, ema=cfg.ema)
         check_rgb(model.cfg)

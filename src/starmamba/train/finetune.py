@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from starmamba.data import Augmented, EvalTransform, FinetuneTransform, MixupCutmix, build_dataset
 from starmamba.data.mixup import soft_target_cross_entropy
+from starmamba.data.subsets import labels_per_class_subset
 from starmamba.models import MambaMLPClassifier, build_model
 from starmamba.models.convert import classifier_state_from_pretrained
 from starmamba.train.config import FinetuneConfig
@@ -35,6 +36,8 @@ class FinetuneTask:
 
     def load(self, cfg: FinetuneConfig, processes: Processes) -> tuple[FinetuneConfig, Dataset]:
         train_data = build_dataset(cfg.data_path, "train", limit=cfg.limit_train)
+        if cfg.labels_per_class is not None:
+            train_data = labels_per_class_subset(train_data, cfg.labels_per_class, cfg.seed)
         val_data = build_dataset(cfg.data_path, "val", limit=cfg.limit_val)
         info = train_data.info
         cfg = dataclasses.replace(cfg, arch=dataclasses.replace(cfg.arch, num_classes=info.num_classes))

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from starmamba.models.arm import arm_classifier_config, from_arm, read_arm_checkpoint
 from starmamba.models.backbone import ClassifierConfig, MambaMLPClassifier
+from starmamba.models.star import StarConfig, StarPretrainer
 from starmamba.train.checkpoint import check_compatible, load_weights
 
 
@@ -65,3 +66,18 @@ def load_classifier(path: str | Path, ema: bool = False) -> tuple[MambaMLPClassi
     check_compatible(state, model, source=str(path))
     model.load_state_dict(state)
     return model, description
+
+
+def load_probe_model(path: str | Path, ema: bool = False) -> tuple[MambaMLPClassifier | StarPretrainer, str]:
+    """A model to probe: a classifier (as :func:`load_classifier`) or a starmamba pretraining checkpoint."""
+    path = Path(path)
+    if path.exists() and not is_arm_file(path):
+        weights = _weights_file(path, ema)
+        state, meta = load_weights(weights)
+        config = meta.get("config", {})
+        if "images_per_sequence" in config:
+            model = StarPretrainer(StarConfig(**config))
+            check_compatible(state, model, source=str(path))
+            model.load_state_dict(state)
+            return model, f"{meta.get('model', '?')} {'EMA ' if ema else ''}pretrained encoder from {weights}"
+    return load_classifier(path, ema)
