@@ -12,6 +12,7 @@ from collections.abc import Callable
 import tyro
 
 from starmamba import __version__
+from starmamba.errors import RunError
 from starmamba.models import SIZES, list_models
 from starmamba.train.config import (
     PRESETS,
@@ -158,7 +159,7 @@ def _run(argv: list[str]) -> int:
         return 2
     try:
         COMMANDS[command](rest)
-    except (ValueError, FileNotFoundError, PermissionError) as error:
+    except (ValueError, FileNotFoundError, PermissionError, RunError) as error:
         print(f"starmamba {command}: error: {error}", file=sys.stderr)
         return 2
     except SystemExit as done:  # tyro exits after --help and after a config it refused (already printed)

@@ -247,7 +247,8 @@ def train_one_epoch(
             continue
         grad_norm = state.step()
         values = None
-        if position.step % run.log_every == 0 or position.step == loader.steps_per_epoch:
+        # The run's first step is logged too: a short run shows its start before log_every steps.
+        if position.step % run.log_every == 0 or position.step == loader.steps_per_epoch or position.global_step == 1:
             values = {"epoch": position.epoch + position.step / loader.steps_per_epoch, **window.read(), "lr": lr}
             values |= logs | ({"grad_norm": grad_norm} if grad_norm is not None else {})
         after_step(values)

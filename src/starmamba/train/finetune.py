@@ -34,8 +34,8 @@ class FinetuneTask:
     """(Soft-target) cross-entropy; top-1/top-5 of the model and its EMA every ``eval_every`` epochs."""
 
     def load(self, cfg: FinetuneConfig, processes: Processes) -> tuple[FinetuneConfig, Dataset]:
-        train_data = build_dataset(cfg.data_path, "train", limit=cfg.limit_train)
-        val_data = build_dataset(cfg.data_path, "val", limit=cfg.limit_val)
+        train_data = build_dataset(cfg.data_path, "train", limit=cfg.limit_train, max_unreadable=cfg.max_unreadable)
+        val_data = build_dataset(cfg.data_path, "val", limit=cfg.limit_val, max_unreadable=cfg.max_unreadable)
         info = train_data.info
         cfg = dataclasses.replace(cfg, arch=dataclasses.replace(cfg.arch, num_classes=info.num_classes))
         self.cfg, self.processes, self.results = cfg, processes, {}

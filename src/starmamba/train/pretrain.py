@@ -19,7 +19,7 @@ from starmamba.train.plots import save_image_grid
 
 def preview_batch(cfg: PretrainConfig, processes: Processes) -> tuple[Tensor, tuple, tuple]:
     """A fixed batch of validation images (whole sequences) for reconstructions and the val loss."""
-    dataset = build_dataset(cfg.data_path, "val", limit=cfg.limit_val)
+    dataset = build_dataset(cfg.data_path, "val", limit=cfg.limit_val, max_unreadable=cfg.max_unreadable)
     info = dataset.info
     view = Augmented(dataset, EvalTransform(cfg.arch.img_size, info.mean, info.std, crop_pct=1.0))
     count = min(len(view), 4 * cfg.arch.images_per_sequence)
@@ -44,7 +44,7 @@ class PretrainTask:
 
     def load(self, cfg: PretrainConfig, processes: Processes) -> tuple[PretrainConfig, Dataset]:
         self.cfg, self.processes = cfg, processes
-        dataset = build_dataset(cfg.data_path, "train", limit=cfg.limit_train)
+        dataset = build_dataset(cfg.data_path, "train", limit=cfg.limit_train, max_unreadable=cfg.max_unreadable)
         info = dataset.info
         transform = PretrainTransform(cfg.arch.img_size, info.mean, info.std, scale=(cfg.min_crop_scale, 1.0))
         self.preview, self.mean, self.std = preview_batch(cfg, processes)
