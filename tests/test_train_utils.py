@@ -14,7 +14,7 @@ from torch import nn
 
 from starmamba.train.ema import ModelEma
 from starmamba.train.metrics import MetricsLog, read_metrics
-from starmamba.train.plots import plot_curves, save_image_grid
+from starmamba.train.plots import curves_figure, plot_curves, save_image_grid
 
 
 def small_model() -> nn.Module:
@@ -185,3 +185,18 @@ def test_image_grid_of_grey_images(tmp_path: Path) -> None:
 def test_image_grid_refuses_other_shapes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\(N, 3 or 1, H, W\)"):
         save_image_grid(torch.zeros(3, 8, 8), tmp_path / "x.png", nrow=2)
+
+
+def test_curves_of_a_short_run_have_markers_and_whole_steps() -> None:
+    records = [{"step": s, "epoch": s / 3, "loss": 2.0 / s, "lr": 1e-3} for s in (1, 2, 3)]
+    records.append({"step": 3, "epoch": 1.0, "val_loss": 0.5})
+    figure = curves_figure(records, title="star (dim 32, depth 2): 0.05M")
+    assert figure.get_suptitle() == "star (dim 32, depth 2): 0.05M"
+    for axes in figure.axes:
+        line = axes.get_lines()[0]
+        assert line.get_marker() == "o", axes.get_title()  # one point, or three, are visible
+        figure.canvas.draw()
+        ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (axes.get_title(), ticks)
+    long_run = [{"step": s, "loss": 1.0 / s} for s in range(1, 200)]
+    assert curves_figure(long_run).axes[0].get_lines()[0].get_marker() in ("None", None, "")
