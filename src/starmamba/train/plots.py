@@ -1,19 +1,15 @@
-"""Pictures of a run: its training curves and grids of images (reconstructions); written atomically."""
+"""Pictures of a run: its training curves and its reconstructions, as labelled figures; written atomically."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import torch
-from PIL import Image
 from torch import Tensor
 
 from starmamba.files import atomic_write
 
 PANEL_INCHES = (4.5, 3.5)
 DPI = 100
-PADDING = 2  # pixels around and between the images of a grid
 MARKED_POINTS = 50  # a series of at most this many points is drawn with markers
 MARKED_TICKS = 8  # an axis of at most this many distinct x values has a tick at each
 EVAL_SERIES = {"acc1": "top-1", "ema_acc1": "EMA top-1"}
@@ -80,26 +76,38 @@ def curves_figure(records: list[dict], title: str = ""):
     return figure
 
 
-def save_image_grid(images: Tensor, path: Path, nrow: int) -> None:
-    """Save images (N, 3 or 1, H, W) with values in [0, 1] as one PNG, ``nrow`` images per row.
+def save_reconstructions(inputs: Tensor, outputs: Tensor, path: Path, title: str = "") -> None:
+    """Save :func:`reconstruction_figure` as the PNG ``path``."""
+    figure = reconstruction_figure(inputs, outputs, title)
+    atomic_write(Path(path), lambda temp: figure.savefig(temp, format="png"))
 
-    The images are separated and surrounded by 2 white pixels.
+
+def reconstruction_figure(inputs: Tensor, outputs: Tensor, title: str = ""):
+    """Images over their reconstructions, two labelled rows of N panels, as a matplotlib Figure.
+
+    ``inputs`` and ``outputs`` are (N, 3 or 1, H, W) with values in [0, 1] (clamped). Small images
+    are drawn with nearest-neighbour scaling, so their pixels stay visible.
     """
-    path = Path(path)
-    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) == 0:
-        raise ValueError(f"expected images (N, 3 or 1, H, W) with N > 0, got shape {tuple(images.shape)}")
-    count, _, height, width = images.shape
-    columns = min(nrow, count)
-    rows = math.ceil(count / columns)
-    canvas = torch.full(
-        (3, rows * (height + PADDING) + PADDING, columns * (width + PADDING) + PADDING),
-        255,
-        dtype=torch.uint8,
-    )
-    pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
-    for index, image in enumerate(pixels):
-        top = PADDING + (index // columns) * (height + PADDING)
-        left = PADDING + (index % columns) * (width + PADDING)
-        canvas[:, top : top + height, left : left + width] = image
-    image = Image.fromarray(canvas.permute(1, 2, 0).contiguous().numpy())
-    atomic_write(path, lambda temp: image.save(temp, format="PNG"))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if inputs.shape != outputs.shape or inputs.ndim != 4 or inputs.shape[1] not in (1, 3) or len(inputs) == 0:
+        raise ValueError(
+            f"expected inputs and outputs of one shape (N, 3 or 1, H, W) with N > 0, got {tuple(inputs.shape)} "
+            f"and {tuple(outputs.shape)}"
+        )
+    count = len(inputs)
+    figure = Figure(figsize=(max(1.2 * count, 4.0), 3.0), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    grid = figure.subplots(2, count, squeeze=False)
+    for row, (label, images) in enumerate((("input", inputs), ("reconstruction", outputs))):
+        pixels = images.detach().float().cpu().clamp(0, 1).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+        for column, image in enumerate(pixels):
+            axes = grid[row][column]
+            axes.imshow(image, interpolation="nearest", vmin=0.0, vmax=1.0)
+            axes.set_xticks([])
+            axes.set_yticks([])
+        grid[row][0].set_ylabel(label)
+    if title:
+        figure.suptitle(title)
+    return figure

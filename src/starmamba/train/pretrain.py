@@ -14,7 +14,7 @@ from starmamba.train.config import PretrainConfig
 from starmamba.train.distributed import Processes
 from starmamba.train.engine import TrainState, autocast
 from starmamba.train.job import run_job
-from starmamba.train.plots import save_image_grid
+from starmamba.train.plots import save_reconstructions
 
 
 def preview_batch(cfg: PretrainConfig, processes: Processes) -> tuple[Tensor, tuple, tuple]:
@@ -68,8 +68,10 @@ class PretrainTask:
         if self.processes.is_main and ((epoch + 1) % self.cfg.recon_every == 0 or epoch + 1 == self.cfg.epochs):
             shown = self.preview[: 2 * model.layout.images_per_sequence]
             recon = model.reconstruct(self.preview, out)[: len(shown)]
-            grid = torch.cat([denormalize(shown, self.mean, self.std), denormalize(recon, self.mean, self.std)])
-            save_image_grid(grid.float().cpu(), Path(self.cfg.output_dir) / "reconstructions.png", nrow=len(shown))
+            save_reconstructions(
+                denormalize(shown, self.mean, self.std), denormalize(recon, self.mean, self.std),
+                Path(self.cfg.output_dir) / "reconstructions.png", title=f"epoch {epoch + 1}: next-cluster predictions",
+            )  # fmt: skip
         return {"val_loss": out.loss.item()}
 
     def summary(self) -> dict:
