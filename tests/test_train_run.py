@@ -153,3 +153,13 @@ def test_the_run_names_its_real_model_logs_its_first_step_and_ends_with_a_summar
         assert f.metadata()["model"] == "star (dim 32, depth 2)"
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == [1, 2]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "star_tiny"
+
+
+def test_progress_into_a_file_is_plain_lines_without_carriage_returns(tmp_path, capsys):
+    run_pretrain(quick(tmp_path / "run", progress=True, log_every=1))
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    lines = [line for line in captured.out.splitlines() if line.startswith("epoch 1/1, step ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/1, step 1/2", "epoch 1/1, step 2/2"]
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert [float(line.split("loss ")[1].split(",")[0]) for line in lines] == pytest.approx(losses, abs=5e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -169,7 +170,9 @@ class TrainLoader:
             dataset, batch_size=run.batch_size, sampler=self.sampler, num_workers=run.num_workers,
             pin_memory=processes.device.type == "cuda", persistent_workers=False,
         )  # fmt: skip
-        self.show = run.progress and processes.is_main
+        # A bar only on a terminal: in a log file its carriage-return frames pile up (run_job
+        # prints plain lines there instead).
+        self.show = run.progress and processes.is_main and sys.stderr.isatty()
         self.bar: tqdm | None = None
 
     @property

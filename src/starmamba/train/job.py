@@ -146,6 +146,12 @@ def train(state: TrainState, loader: TrainLoader, task: Task, output: RunOutput,
         if values is not None:
             metrics.log(position.global_step, **values)
             loader.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+            if run.progress and not loader.show and state.processes.is_main:
+                print(
+                    f"epoch {position.epoch + 1}/{run.epochs}, step {position.step}/{loader.steps_per_epoch}: "
+                    f"loss {values['loss']:.4f}, lr {values['lr']:.2e}, {values['images_per_s']:.1f} images/s",
+                    flush=True,
+                )
         if run.ckpt_every and position.global_step % run.ckpt_every == 0 and position.step < loader.steps_per_epoch:
             output.save(state)  # the epoch's last step is saved below, after its evaluation
 
