@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,6 +103,12 @@ class RunConfig:
         for beta in self.betas:
             check_fraction("betas", beta)
         check_fraction("max_unreadable", self.max_unreadable)
+
+
+def available_workers(most: int = 4) -> int:
+    """``most`` data-loading processes, or fewer on a machine with fewer CPU cores for this process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(most, cores))
 
 
 def check_rgb(arch: StarConfig | ClassifierConfig) -> None:
@@ -219,7 +226,8 @@ class EvaluateConfig:
     """a starmamba checkpoint directory or .safetensors file, or ARM's finetuned .pth"""
     data_path: DataPath = "fashion_mnist"
     batch_size: int = 128
-    num_workers: int = 4
+    num_workers: int = field(default_factory=available_workers)
+    """data-loading processes: 4, or the CPU cores this process may use if fewer"""
     device: Device = "auto"
     ema: bool = False
     """evaluate the EMA weights of a starmamba checkpoint"""
@@ -234,6 +242,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         check_fraction("max_unreadable", self.max_unreadable)
         check_positive("batch_size", self.batch_size)
+        check_positive("num_workers", self.num_workers, allow_zero=True)
         check_choice("device", self.device, Device)
         if self.eval_resize is not None:
             check_choice("eval_resize", self.eval_resize, EvalResize)
