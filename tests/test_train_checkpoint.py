@@ -96,7 +96,7 @@ def test_a_checkpoint_without_ema_loads_as_none(tmp_path: Path) -> None:
 
 
 def test_loading_a_folder_that_is_no_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="is not a training checkpoint: it has no training_state.pt"):
+    with pytest.raises(FileNotFoundError, match=r"is not a training checkpoint: it has no training_state\.pt"):
         load_checkpoint(tmp_path)
 
 
