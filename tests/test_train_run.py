@@ -15,11 +15,14 @@ from safetensors.torch import load_file
 
 from starmamba.cli import main
 from starmamba.errors import RunError
+from starmamba.models import model_config
 from starmamba.train import checkpoint as checkpoint_module
+from starmamba.train.distributed import Processes
+from starmamba.train.finetune import FinetuneTask
 from starmamba.train.metrics import read_metrics
 from starmamba.train.outdir import OutputDirError, RunLock
 from starmamba.train.pretrain import PretrainTask, run_pretrain
-from test_train_jobs import tiny_pretrain
+from test_train_jobs import TINY, tiny_finetune, tiny_pretrain
 
 
 def quick(out: Path, **overrides):
@@ -163,3 +166,24 @@ def test_progress_into_a_file_is_plain_lines_without_carriage_returns(tmp_path, 
     assert [line.split(":")[0] for line in lines] == ["epoch 1/1, step 1/2", "epoch 1/1, step 2/2"]
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert [float(line.split("loss ")[1].split(",")[0]) for line in lines] == pytest.approx(losses, abs=5e-5)
+
+
+def test_a_num_classes_given_that_disagrees_with_the_data_is_refused(tmp_path, capsys):
+    flags = ["--data_path", "synthetic", "--model", "mambamlp_tiny", "--img_size", "16", "--patch_size", "4",
+             "--dim", "32", "--depth", "2", "--output_dir", str(tmp_path / "run"), "--num_workers", "0"]  # fmt: skip
+    assert main(["finetune", *flags, "--num_classes", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "starmamba finetune: error: --num_classes 7 disagrees with the 4 classes of synthetic; leave it out "
+        "(the data's count is used) or give --num_classes 4\n"
+    )
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_num_classes_not_given_is_taken_from_the_data_with_a_note(tmp_path, capsys):
+    config = tiny_finetune(tmp_path / "run", arch=model_config("mambamlp_tiny", **TINY, num_classes=7))
+    loaded, _ = FinetuneTask().load(config, Processes(0, 1, torch.device("cpu")))
+    assert loaded.arch.num_classes == 4
+    assert "num_classes 4 (the classes of synthetic), not 7" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--num_classes 7 disagrees with the 4 classes of synthetic"):
+        FinetuneTask(num_classes_given=True).load(config, Processes(0, 1, torch.device("cpu")))

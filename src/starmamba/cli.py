@@ -78,7 +78,8 @@ def cmd_pretrain(argv: list[str]) -> None:
 def cmd_finetune(argv: list[str]) -> None:
     from starmamba.train.finetune import run_finetune
 
-    run_finetune(parse_job("finetune", FinetuneConfig, "mambamlp", argv))
+    given = any(arg == "--num_classes" or arg.startswith("--num_classes=") for arg in argv)
+    run_finetune(parse_job("finetune", FinetuneConfig, "mambamlp", argv), num_classes_given=given)
 
 
 def cmd_evaluate(argv: list[str]) -> None:
