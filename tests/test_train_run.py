@@ -14,8 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from starmamba.cli import main
+from starmamba.data import Augmented, EvalTransform, build_dataset
 from starmamba.errors import RunError
-from starmamba.models import model_config
+from starmamba.models import build_model, model_config
 from starmamba.train import checkpoint as checkpoint_module
 from starmamba.train.distributed import Processes
 from starmamba.train.finetune import FinetuneTask
@@ -148,7 +149,7 @@ def test_the_run_names_its_real_model_logs_its_first_step_and_ends_with_a_summar
     summary = run_pretrain(quick(tmp_path / "run", log_every=20))
     out = capsys.readouterr().out
     count = sum(t.numel() for t in checkpoint_module.load_weights(tmp_path / "run" / "model.safetensors")[0].values())
-    assert out.startswith(f"star (dim 32, depth 2): {count / 1e6:.2f}M, ")
+    assert f"\nstar (dim 32, depth 2): {count / 1e6:.2f}M, " in out
     assert "no checkpoint, starting fresh" in out
     assert "done: 2 steps (16 images) in " in out and summary["seconds"] > 0
     assert f"results in {tmp_path / 'run'}: model.safetensors, curves.png, reconstructions.png" in out
@@ -187,3 +188,20 @@ def test_a_num_classes_not_given_is_taken_from_the_data_with_a_note(tmp_path, ca
     assert "num_classes 4 (the classes of synthetic), not 7" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--num_classes 7 disagrees with the 4 classes of synthetic"):
         FinetuneTask(num_classes_given=True).load(config, Processes(0, 1, torch.device("cpu")))
+
+
+def test_the_validation_loss_covers_every_validation_image_asked_for(tmp_path, capsys):
+    config = quick(tmp_path / "run", limit_val=11)  # 5 whole sequences of 2 images, in batches of 8 and 2
+    run_pretrain(config)
+    assert "validation loss on 10 images, 1 left out (not a whole sequence)" in capsys.readouterr().out
+    record = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r)
+    assert record["val_images"] == 10
+
+    model = build_model(config.arch)
+    model.load_state_dict(load_file(tmp_path / "run" / "model.safetensors"))
+    model.eval()
+    dataset = build_dataset("synthetic", "val", limit=10)
+    view = Augmented(dataset, EvalTransform(16, dataset.info.mean, dataset.info.std, crop_pct=1.0))
+    with torch.no_grad():
+        expected = model(torch.stack([view[i][0] for i in range(10)])).loss.item()  # all 10 in one batch
+    assert record["val_loss"] == pytest.approx(expected, rel=1e-5)
