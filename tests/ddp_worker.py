@@ -25,6 +25,7 @@ def save(state: dict, path: Path) -> None:
 
 class RankSeededTask(FinetuneTask):
     def __init__(self, out: Path) -> None:
+        super().__init__()
         self.out = out
 
     def build_model(self, cfg):

@@ -10,7 +10,7 @@ import pytest
 
 import starmamba
 from starmamba.cli import main, parse_job
-from starmamba.train.config import PRESETS, FinetuneConfig, PretrainConfig, preset, to_dict
+from starmamba.train.config import PRESETS, EvaluateConfig, FinetuneConfig, PretrainConfig, preset, to_dict
 
 
 @pytest.fixture(autouse=True)
@@ -215,3 +215,12 @@ def test_output_into_a_closed_pipe_is_quiet(args):
         os.close(write_end)
     assert result.stderr == b""
     assert result.returncode == 141
+
+
+@pytest.mark.parametrize(("cores", "workers"), [({0}, 1), ({0, 1}, 2), (set(range(16)), 4)])
+def test_evaluate_defaults_to_the_workers_the_machine_has(monkeypatch, capsys, cores, workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores)
+    assert EvaluateConfig(checkpoint="run").num_workers == workers
+    assert main(["evaluate", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split("--num_workers")[1].split()[:20])
+    assert f"if fewer (default: {workers})" in help_text

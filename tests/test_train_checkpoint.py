@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from starmamba.files import write_json
 from starmamba.train import checkpoint as ckpt
 from starmamba.train.checkpoint import (
     check_compatible,
@@ -230,3 +231,18 @@ def test_check_compatible_shortens_long_lists() -> None:
         ValueError, match=r"^other\.pt does not fit Sequential: 9 missing keys: 0\.weight, .*\(4 more\)$"
     ):
         check_compatible({}, tiny_model(), source="other.pt")
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_weight_files_get_the_permissions_of_the_runs_other_files(tmp_path: Path, umask: int, mode: int) -> None:
+    previous = os.umask(umask)
+    try:
+        export_weights(tmp_path / "model.safetensors", tiny_model().state_dict(), "tiny", CONFIG)
+        checkpoint = save(tmp_path, 1, tiny_model())
+        write_json(tmp_path / "config.json", {})
+    finally:
+        os.umask(previous)
+    files = ["model.safetensors", "checkpoints/step-00000001/model.safetensors",
+             "checkpoints/step-00000001/training_state.pt", "config.json"]  # fmt: skip
+    assert checkpoint == tmp_path / "checkpoints" / "step-00000001"
+    assert {name: oct((tmp_path / name).stat().st_mode & 0o777) for name in files} == dict.fromkeys(files, oct(mode))

@@ -14,7 +14,7 @@ from torch import nn
 
 from starmamba.train.ema import ModelEma
 from starmamba.train.metrics import MetricsLog, read_metrics
-from starmamba.train.plots import plot_curves, save_image_grid
+from starmamba.train.plots import curves_figure, plot_curves, reconstruction_figure
 
 
 def small_model() -> nn.Module:
@@ -172,32 +172,34 @@ def test_plot_curves_without_curves_writes_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "curves.png").exists()
 
 
-def test_image_grid_layout_and_pixels(tmp_path: Path) -> None:
-    images = torch.stack([torch.full((3, 8, 8), i / 5) for i in range(6)])
-    images[0, 0] = 2.0  # out of range: clamped to 1
-    path = tmp_path / "grid.png"
-    save_image_grid(images, path, nrow=3)
-    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
-    with Image.open(path) as image:
-        assert (image.format, image.size) == ("PNG", (3 * 8 + 4 * 2, 2 * 8 + 3 * 2))
-        pixels = np.asarray(image.convert("RGB"))
-    assert pixels[0, 0].tolist() == [255, 255, 255]  # padding
-    assert pixels[2, 2].tolist() == [255, 0, 0]  # image 0: red clamped to 1, the rest 0
-    for i in range(1, 6):
-        top, left = 2 + (i // 3) * 10, 2 + (i % 3) * 10
-        block = pixels[top : top + 8, left : left + 8]
-        assert (block == round(i / 5 * 255)).all(), i
-        assert (pixels[top - 1, left : left + 8] == 255).all()  # padding above
-        assert (pixels[top : top + 8, left - 1] == 255).all()  # and to the left
+def test_curves_of_a_short_run_have_markers_and_whole_steps() -> None:
+    records = [{"step": s, "epoch": s / 3, "loss": 2.0 / s, "lr": 1e-3} for s in (1, 2, 3)]
+    records.append({"step": 3, "epoch": 1.0, "val_loss": 0.5})
+    figure = curves_figure(records, title="star (dim 32, depth 2): 0.05M")
+    assert figure.get_suptitle() == "star (dim 32, depth 2): 0.05M"
+    for axes in figure.axes:
+        line = axes.get_lines()[0]
+        assert line.get_marker() == "o", axes.get_title()  # one point, or three, are visible
+        figure.canvas.draw()
+        ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (axes.get_title(), ticks)
+    long_run = [{"step": s, "loss": 1.0 / s} for s in range(1, 200)]
+    assert curves_figure(long_run).axes[0].get_lines()[0].get_marker() in ("None", None, "")
 
 
-def test_image_grid_of_grey_images(tmp_path: Path) -> None:
-    save_image_grid(torch.full((2, 1, 4, 5), 0.5), tmp_path / "grey.png", nrow=4)
-    with Image.open(tmp_path / "grey.png") as image:
-        assert image.size == (2 * 5 + 3 * 2, 4 + 2 * 2)  # fewer images than nrow: one short row
-        assert image.convert("RGB").getpixel((2, 2)) == (128, 128, 128)
-
-
-def test_image_grid_refuses_other_shapes(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"\(N, 3 or 1, H, W\)"):
-        save_image_grid(torch.zeros(3, 8, 8), tmp_path / "x.png", nrow=2)
+@pytest.mark.parametrize("count", [1, 4, 16])
+def test_reconstruction_panels_are_labelled_and_nothing_is_clipped(count: int) -> None:
+    inputs = torch.rand(count, 3, 6, 6, generator=torch.Generator().manual_seed(count))
+    outputs = inputs.flip(-1) * 1.5  # out of range: clamped to 1
+    figure = reconstruction_figure(inputs, outputs, title="epoch 1: next-cluster predictions")
+    figure.canvas.draw()
+    rows = [figure.axes[:count], figure.axes[count:]]
+    assert [row[0].get_ylabel() for row in rows] == ["input", "reconstruction"]
+    np.testing.assert_allclose(rows[0][-1].get_images()[0].get_array(), inputs[-1].permute(1, 2, 0).numpy())
+    np.testing.assert_allclose(rows[1][0].get_images()[0].get_array(), outputs[0].clamp(0, 1).permute(1, 2, 0).numpy())
+    canvas = figure.bbox
+    renderer = figure.canvas.get_renderer()
+    texts = [figure._suptitle, rows[0][0].yaxis.label, rows[1][0].yaxis.label]
+    for artist in texts + [axes for row in rows for axes in row]:
+        box = artist.get_window_extent(renderer)
+        assert canvas.x0 <= box.x0 and box.x1 <= canvas.x1 and canvas.y0 <= box.y0 and box.y1 <= canvas.y1, artist

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import tyro
 
 from starmamba import __version__
+from starmamba.errors import RunError
 from starmamba.models import SIZES, list_models
 from starmamba.train.config import (
     PRESETS,
@@ -78,7 +79,8 @@ def cmd_pretrain(argv: list[str]) -> None:
 def cmd_finetune(argv: list[str]) -> None:
     from starmamba.train.finetune import run_finetune
 
-    run_finetune(parse_job("finetune", FinetuneConfig, "mambamlp", argv))
+    given = any(arg == "--num_classes" or arg.startswith("--num_classes=") for arg in argv)
+    run_finetune(parse_job("finetune", FinetuneConfig, "mambamlp", argv), num_classes_given=given)
 
 
 def cmd_evaluate(argv: list[str]) -> None:
@@ -166,7 +168,7 @@ def _run(argv: list[str]) -> int:
         return 2
     try:
         COMMANDS[command](rest)
-    except (ValueError, FileNotFoundError, PermissionError) as error:
+    except (ValueError, FileNotFoundError, PermissionError, RunError) as error:
         print(f"starmamba {command}: error: {error}", file=sys.stderr)
         return 2
     except SystemExit as done:  # tyro exits after --help and after a config it refused (already printed)

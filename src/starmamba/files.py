@@ -15,6 +15,17 @@ def temp_name(name: str) -> str:
     return f".{name}.{uuid.uuid4().hex[:12]}.tmp"
 
 
+def new_file_mode() -> int:
+    """The permissions ``open()`` gives a new file in this process: 0o666 less the umask."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:  # Linux: read without changing it
+            mask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration):
+        mask = os.umask(0)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
 def fsync(path: Path) -> None:
     """Flush a file, or a directory's entries, to disk before a rename makes it visible."""
     if path.is_dir() and os.name != "posix":

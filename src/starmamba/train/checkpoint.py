@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from starmamba.errors import load_error_reason
-from starmamba.files import atomic_write, fsync, temp_name, write_text
+from starmamba.files import atomic_write, fsync, new_file_mode, temp_name, write_text
 
 FORMAT = "starmamba"
 POINTER = "latest"
@@ -204,6 +204,8 @@ def _metadata(model_name: str, model_config: dict) -> dict[str, str]:
 def _write_safetensors(path: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> None:
     tensors = {key: _cpu_copy(value) for key, value in state.items()}
     save_file(tensors, str(path), metadata=metadata)
+    # safetensors creates its files private (0o600); give them the permissions of the run's other files.
+    os.chmod(path, new_file_mode())
 
 
 def _cpu_copy(tensor: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,12 @@ class RunConfig:
         for beta in self.betas:
             check_fraction("betas", beta)
         check_fraction("max_unreadable", self.max_unreadable)
+
+
+def available_workers(most: int = 4) -> int:
+    """``most`` data-loading processes, or fewer on a machine with fewer CPU cores for this process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(most, cores))
 
 
 def check_rgb(arch: StarConfig | ClassifierConfig) -> None:
@@ -235,7 +242,8 @@ class EvaluateConfig:
     """with --probe: use only the first N training images as the probe's training set"""
     data_path: DataPath = "fashion_mnist"
     batch_size: int = 128
-    num_workers: int = 4
+    num_workers: int = field(default_factory=available_workers)
+    """data-loading processes: 4, or the CPU cores this process may use if fewer"""
     device: Device = "auto"
     ema: bool = False
     """evaluate the EMA weights of a starmamba checkpoint"""
@@ -250,6 +258,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         check_fraction("max_unreadable", self.max_unreadable)
         check_positive("batch_size", self.batch_size)
+        check_positive("num_workers", self.num_workers, allow_zero=True)
         check_choice("device", self.device, Device)
         check_choice("probe", self.probe, ProbeChoice)
         check_positive("knn_k", self.knn_k)

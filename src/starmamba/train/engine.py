@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -169,7 +170,9 @@ class TrainLoader:
             dataset, batch_size=run.batch_size, sampler=self.sampler, num_workers=run.num_workers,
             pin_memory=processes.device.type == "cuda", persistent_workers=False,
         )  # fmt: skip
-        self.show = run.progress and processes.is_main
+        # A bar only on a terminal: in a log file its carriage-return frames pile up (run_job
+        # prints plain lines there instead).
+        self.show = run.progress and processes.is_main and sys.stderr.isatty()
         self.bar: tqdm | None = None
 
     @property
@@ -247,7 +250,8 @@ def train_one_epoch(
             continue
         grad_norm = state.step()
         values = None
-        if position.step % run.log_every == 0 or position.step == loader.steps_per_epoch:
+        # The run's first step is logged too: a short run shows its start before log_every steps.
+        if position.step % run.log_every == 0 or position.step == loader.steps_per_epoch or position.global_step == 1:
             values = {"epoch": position.epoch + position.step / loader.steps_per_epoch, **window.read(), "lr": lr}
             values |= logs | ({"grad_norm": grad_norm} if grad_norm is not None else {})
         after_step(values)

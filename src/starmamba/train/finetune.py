@@ -32,15 +32,30 @@ def build_classifier(cfg: FinetuneConfig) -> MambaMLPClassifier:
 
 
 class FinetuneTask:
-    """(Soft-target) cross-entropy; top-1/top-5 of the model and its EMA every ``eval_every`` epochs."""
+    """(Soft-target) cross-entropy; top-1/top-5 of the model and its EMA every ``eval_every`` epochs.
+
+    The head classifies the data's classes. With ``num_classes_given`` (the user set ``num_classes``)
+    a number that disagrees with the data is refused; otherwise it is taken from the data, with a note.
+    """
+
+    def __init__(self, num_classes_given: bool = False) -> None:
+        self.num_classes_given = num_classes_given
 
     def load(self, cfg: FinetuneConfig, processes: Processes) -> tuple[FinetuneConfig, Dataset]:
-        train_data = build_dataset(cfg.data_path, "train", limit=cfg.limit_train)
+        train_data = build_dataset(cfg.data_path, "train", limit=cfg.limit_train, max_unreadable=cfg.max_unreadable)
         if cfg.labels_per_class is not None:
             train_data = labels_per_class_subset(train_data, cfg.labels_per_class, cfg.seed)
-        val_data = build_dataset(cfg.data_path, "val", limit=cfg.limit_val)
+        val_data = build_dataset(cfg.data_path, "val", limit=cfg.limit_val, max_unreadable=cfg.max_unreadable)
         info = train_data.info
-        cfg = dataclasses.replace(cfg, arch=dataclasses.replace(cfg.arch, num_classes=info.num_classes))
+        if cfg.arch.num_classes != info.num_classes:
+            if self.num_classes_given:
+                raise ValueError(
+                    f"--num_classes {cfg.arch.num_classes} disagrees with the {info.num_classes} classes of "
+                    f"{cfg.data_path}; leave it out (the data's count is used) or give --num_classes {info.num_classes}"
+                )
+            if processes.is_main:
+                print(f"num_classes {info.num_classes} (the classes of {cfg.data_path}), not {cfg.arch.num_classes}")
+            cfg = dataclasses.replace(cfg, arch=dataclasses.replace(cfg.arch, num_classes=info.num_classes))
         self.cfg, self.processes, self.results = cfg, processes, {}
         train_transform = FinetuneTransform(
             cfg.arch.img_size, info.mean, info.std, scale=(cfg.min_crop_scale, 1.0), rand_augment=cfg.aa,
@@ -87,6 +102,9 @@ class FinetuneTask:
         return dict(self.results)
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Finetune and evaluate every ``eval_every`` epochs; returns the last and best top-1 (and EMA)."""
-    return run_job(cfg, FinetuneTask())
+def run_finetune(cfg: FinetuneConfig, num_classes_given: bool = False) -> dict:
+    """Finetune and evaluate every ``eval_every`` epochs; returns the last and best top-1 (and EMA).
+
+    ``num_classes_given``: ``cfg.arch.num_classes`` was set by the user, so it must match the data.
+    """
+    return run_job(cfg, FinetuneTask(num_classes_given))

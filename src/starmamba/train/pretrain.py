@@ -6,30 +6,33 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from starmamba.data import Augmented, EvalTransform, PretrainTransform, build_dataset
 from starmamba.models import StarPretrainer, build_model
 from starmamba.train.config import PretrainConfig
-from starmamba.train.distributed import Processes
+from starmamba.train.distributed import Processes, all_reduce_sum
 from starmamba.train.engine import TrainState, autocast
 from starmamba.train.job import run_job
-from starmamba.train.plots import save_image_grid
+from starmamba.train.plots import save_reconstructions
 
 
-def preview_batch(cfg: PretrainConfig, processes: Processes) -> tuple[Tensor, tuple, tuple]:
-    """A fixed batch of validation images (whole sequences) for reconstructions and the val loss."""
-    dataset = build_dataset(cfg.data_path, "val", limit=cfg.limit_val)
+def validation_batches(cfg: PretrainConfig, processes: Processes) -> DataLoader:
+    """The validation images ``limit_val`` asks for, in whole sequences of ``batch_size`` images.
+
+    Each process takes every ``world_size``-th batch; images that do not fill a last sequence are
+    left out. Items are (images (B, 3, S, S), labels (B,)).
+    """
+    dataset = build_dataset(cfg.data_path, "val", limit=cfg.limit_val, max_unreadable=cfg.max_unreadable)
     info = dataset.info
     view = Augmented(dataset, EvalTransform(cfg.arch.img_size, info.mean, info.std, crop_pct=1.0))
-    count = min(len(view), 4 * cfg.arch.images_per_sequence)
-    count -= count % cfg.arch.images_per_sequence
-    if count == 0:
-        raise ValueError(
-            f"the validation split has fewer than images_per_sequence={cfg.arch.images_per_sequence} images"
-        )
-    images = torch.stack([view[i][0] for i in range(count)]).to(processes.device)
-    return images, info.mean, info.std
+    per_sequence = cfg.arch.images_per_sequence
+    usable = len(view) - len(view) % per_sequence
+    if usable == 0:
+        raise ValueError(f"the validation split has fewer than images_per_sequence={per_sequence} images")
+    # batch_size is a multiple of images_per_sequence (PretrainConfig checks it), so every batch is whole sequences.
+    batches = [list(range(start, min(start + cfg.batch_size, usable))) for start in range(0, usable, cfg.batch_size)]
+    return DataLoader(view, batch_sampler=batches[processes.rank :: processes.world_size], num_workers=cfg.num_workers)
 
 
 def denormalize(images: Tensor, mean: tuple, std: tuple) -> Tensor:
@@ -39,15 +42,23 @@ def denormalize(images: Tensor, mean: tuple, std: tuple) -> Tensor:
 
 
 class PretrainTask:
-    """Norm-pixel prediction of the next cluster; after each epoch, the loss on a fixed validation batch
-    and (every ``recon_every`` epochs) its reconstructions."""
+    """Norm-pixel prediction of the next cluster; after each epoch, the loss over the validation images
+    ``limit_val`` asks for and (every ``recon_every`` epochs) reconstructions of two sequences of them."""
 
     def load(self, cfg: PretrainConfig, processes: Processes) -> tuple[PretrainConfig, Dataset]:
         self.cfg, self.processes = cfg, processes
-        dataset = build_dataset(cfg.data_path, "train", limit=cfg.limit_train)
+        dataset = build_dataset(cfg.data_path, "train", limit=cfg.limit_train, max_unreadable=cfg.max_unreadable)
         info = dataset.info
         transform = PretrainTransform(cfg.arch.img_size, info.mean, info.std, scale=(cfg.min_crop_scale, 1.0))
-        self.preview, self.mean, self.std = preview_batch(cfg, processes)
+        self.val_batches = validation_batches(cfg, processes)
+        view = self.val_batches.dataset
+        used = len(view) - len(view) % cfg.arch.images_per_sequence
+        shown = min(2 * cfg.arch.images_per_sequence, used)  # two sequences for the reconstructions
+        self.preview = torch.stack([view[i][0] for i in range(shown)]).to(processes.device)
+        self.mean, self.std = info.mean, info.std
+        if processes.is_main:
+            left = f", {len(view) - used} left out (not a whole sequence)" if used < len(view) else ""
+            print(f"validation loss on {used} images{left}")
         return cfg, Augmented(dataset, transform, seed=cfg.seed)
 
     def build_model(self, cfg: PretrainConfig) -> tuple[StarPretrainer, str]:
@@ -61,16 +72,24 @@ class PretrainTask:
         return model(images).loss, {}
 
     def evaluate(self, state: TrainState, epoch: int) -> dict[str, float]:
+        """The loss over every validation image asked for, and (every ``recon_every`` epochs) reconstructions."""
         model: StarPretrainer = state.module
         model.eval()
-        with torch.no_grad(), autocast(self.processes.device):
-            out = model(self.preview)
+        device = self.processes.device
+        totals = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad(), autocast(device):
+            for images, _ in self.val_batches:
+                loss = model(images.to(device, non_blocking=True)).loss  # a mean over images of equal token count
+                totals += torch.tensor([loss.item() * len(images), len(images)], dtype=torch.float64)
+        totals = all_reduce_sum(totals.to(device)).cpu()
         if self.processes.is_main and ((epoch + 1) % self.cfg.recon_every == 0 or epoch + 1 == self.cfg.epochs):
-            shown = self.preview[: 2 * model.layout.images_per_sequence]
-            recon = model.reconstruct(self.preview, out)[: len(shown)]
-            grid = torch.cat([denormalize(shown, self.mean, self.std), denormalize(recon, self.mean, self.std)])
-            save_image_grid(grid.float().cpu(), Path(self.cfg.output_dir) / "reconstructions.png", nrow=len(shown))
-        return {"val_loss": out.loss.item()}
+            with torch.no_grad(), autocast(device):
+                recon = model.reconstruct(self.preview, model(self.preview))
+            save_reconstructions(
+                denormalize(self.preview, self.mean, self.std), denormalize(recon, self.mean, self.std),
+                Path(self.cfg.output_dir) / "reconstructions.png", title=f"epoch {epoch + 1}: next-cluster predictions",
+            )  # fmt: skip
+        return {"val_loss": totals[0].item() / totals[1].item(), "val_images": int(totals[1].item())}
 
     def summary(self) -> dict:
         return {}
