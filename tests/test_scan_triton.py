@@ -13,34 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
 from starmamba.ops.scan_triton import CHUNK, LaunchConfig, launch_config, scan_triton, triton_status
+from test_scan import recurrence_float64
 
 OPTIONS = ("D", "z", "delta_bias")
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def scan_float64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """mamba_ssm's documented scan, one step at a time in float64; B, C (b, g, n, l)."""
-    u, delta, A = u.double(), delta.double(), A.double()
-    B, C = (M.double().repeat_interleave(u.shape[1] // M.shape[1], dim=1) for M in (B, C))  # (b, d, n, l)
-    dt = delta + delta_bias.double()[:, None] if delta_bias is not None else delta
-    if delta_softplus:
-        dt = F.softplus(dt)
-    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
-    ys = []
-    for t in range(u.shape[-1]):
-        h = torch.exp(dt[..., t, None] * A) * h + (dt[..., t] * u[..., t])[..., None] * B[..., t]
-        ys.append((h * C[..., t]).sum(-1))
-    y = torch.stack(ys, dim=-1)
-    if D is not None:
-        y = y + D.double()[:, None] * u
-    if z is not None:
-        y = y * F.silu(z.double())
-    return y, h
 
 
 def make_inputs(batch, dim, d_state, length, groups, dtype=torch.float32, seed=0):
@@ -73,7 +53,7 @@ def check(inputs, use=OPTIONS, softplus=True, grad_y=True, layout=lambda name, t
     dtype = used["u"].dtype
     y, last = scan_triton(**{k: layout(k, v) for k, v in used.items()}, delta_softplus=softplus, return_last_state=True)
     used64 = {k: v.detach().double().requires_grad_() for k, v in used.items()}
-    y64, last64 = scan_float64(**used64, delta_softplus=softplus)
+    y64, last64 = recurrence_float64(**used64, delta_softplus=softplus)
     assert y.dtype == dtype and y.shape == used["u"].shape
     assert last.dtype == torch.float32 and last.shape == last64.shape
     tol = TOLERANCE[dtype]
@@ -137,7 +117,7 @@ def test_gradient_through_the_last_state_alone():
 def test_without_last_state_returns_y_only():
     inputs = {k: v.detach() for k, v in make_inputs(1, 16, 4, 9, 1, seed=9).items()}
     y = scan_triton(**inputs, delta_softplus=True)
-    y64, _ = scan_float64(**inputs, delta_softplus=True)
+    y64, _ = recurrence_float64(**inputs, delta_softplus=True)
     assert isinstance(y, torch.Tensor) and rel_err(y, y64) < 1e-4
 
 
