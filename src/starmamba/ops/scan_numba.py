@@ -264,7 +264,8 @@ def _backward(
                 dA_part[b, d0 + j, n] = dA_acc[n, j]
 
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None
+# (pid, workers, pool): a pool made before a fork is not used in the child, whose threads it lacks.
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
 
 
@@ -277,9 +278,11 @@ def _parallel(kernel, tasks: int, *args) -> None:
         kernel(0, tasks, *args)
         return
     with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < threads - 1:
-            _pool = (os.getpid(), ThreadPoolExecutor(threads - 1, thread_name_prefix="starmamba-scan"))
-        pool = _pool[1]
+        if _pool is None or _pool[0] != os.getpid() or _pool[1] < threads - 1:
+            if _pool is not None and _pool[0] == os.getpid():
+                _pool[2].shutdown(wait=False)
+            _pool = (os.getpid(), threads - 1, ThreadPoolExecutor(threads - 1, thread_name_prefix="starmamba-scan"))
+        pool = _pool[2]
     futures = [pool.submit(kernel, lo, hi, *args) for lo, hi in itertools.pairwise(bounds[1:])]
     kernel(bounds[0], bounds[1], *args)
     for future in futures:
