@@ -154,7 +154,8 @@ def test_the_run_names_its_real_model_logs_its_first_step_and_ends_with_a_summar
     assert "done: 2 steps (16 images) in " in out and summary["seconds"] > 0
     assert f"results in {tmp_path / 'run'}: model.safetensors, curves.png, reconstructions.png" in out
     with safe_open(tmp_path / "run" / "model.safetensors", framework="pt") as f:
-        assert f.metadata()["model"] == "star (dim 32, depth 2)"
+        assert f.metadata()["description"] == "star (dim 32, depth 2)"
+        assert f.metadata()["model"] == "star_tiny"  # with the config, what rebuilds it
     assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r] == [1, 2]
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model"] == "star_tiny"
 

@@ -39,6 +39,7 @@ def save_checkpoint(
     model_config: dict,
     run_config: dict,
     keep_last: int = 1,
+    description: str | None = None,
 ) -> Path:
     """Write ``state`` as the checkpoint of its step, point ``latest`` at it, then drop older ones.
 
@@ -63,7 +64,7 @@ def save_checkpoint(
     staging = root / temp_name(name)
     staging.mkdir()
     try:
-        metadata = _metadata(model_name, model_config)
+        metadata = _metadata(model_name, model_config, description)
         _write_safetensors(staging / "model.safetensors", state["model"], metadata)
         if state.get("ema") is not None:
             _write_safetensors(staging / "ema.safetensors", state["ema"], metadata)
@@ -191,14 +192,17 @@ def export_weights(
     state_dict: dict[str, Tensor],
     model_name: str,
     model_config: dict,
+    description: str | None = None,
 ) -> None:
     """Write ``state_dict`` to one ``.safetensors`` file with the model's metadata, atomically."""
-    metadata = _metadata(model_name, model_config)
+    metadata = _metadata(model_name, model_config, description)
     atomic_write(path, lambda temp: _write_safetensors(temp, state_dict, metadata))
 
 
-def _metadata(model_name: str, model_config: dict) -> dict[str, str]:
-    return {"format": FORMAT, "model": model_name, "config": json.dumps(model_config)}
+def _metadata(model_name: str, model_config: dict, description: str | None) -> dict[str, str]:
+    """``model`` (the preset) and ``config`` rebuild the model; ``description`` names what it is."""
+    metadata = {"format": FORMAT, "model": model_name, "config": json.dumps(model_config)}
+    return metadata if description is None else {**metadata, "description": description}
 
 
 def _write_safetensors(path: Path, state: dict[str, Tensor], metadata: dict[str, str]) -> None:

@@ -248,13 +248,17 @@ class RunOutput:
         self.config, self.processes = config, processes
         self.run_dir = Path(config.output_dir)
         self.model_config = config.arch.to_dict()
-        self.model_name, self.title = config.model, config.model
+        self.model_name, self.description, self.title = config.model, config.model, config.model
 
     def name_model(self, model: nn.Module) -> None:
-        """Name the model by what it is, not by the preset its options started from."""
-        self.model_name = model_name(self.config.model, self.config.arch)
+        """Title the run by what the model is, not by the preset its options started from.
+
+        The weights' metadata keeps the preset as ``model``: with the saved config (which holds the real
+        width and depth) it is what rebuilds the model; ``description`` holds this name.
+        """
+        self.description = model_name(self.config.model, self.config.arch)
         count = sum(p.numel() for p in model.parameters()) / 1e6
-        self.title = f"{self.model_name}: {count:.2f}M"
+        self.title = f"{self.description}: {count:.2f}M"
 
     def write_config(self) -> None:
         """config.json: rerun with ``--config``."""
@@ -269,6 +273,7 @@ class RunOutput:
                 save_checkpoint(
                     self.run_dir, state.state_dict(), model_name=self.model_name, model_config=self.model_config,
                     run_config=to_dict(self.config), keep_last=self.config.keep_checkpoints,
+                    description=self.description,
                 )  # fmt: skip
         barrier()
 
@@ -283,12 +288,12 @@ class RunOutput:
         """model.safetensors (and ema.safetensors): the final weights, for finetuning and evaluation."""
         if not self.processes.is_main:
             return
-        name, config = self.model_name, self.model_config
+        name, config, description = self.model_name, self.model_config, self.description
         with writing(self.run_dir / "model.safetensors"):
-            export_weights(self.run_dir / "model.safetensors", state.module.state_dict(), name, config)
+            export_weights(self.run_dir / "model.safetensors", state.module.state_dict(), name, config, description)
         if state.ema is not None:
             with writing(self.run_dir / "ema.safetensors"):
-                export_weights(self.run_dir / "ema.safetensors", state.ema.state_dict(), name, config)
+                export_weights(self.run_dir / "ema.safetensors", state.ema.state_dict(), name, config, description)
 
     def describe_end(self, summary: dict[str, Any], steps: int) -> str:
         """The run's last lines: what it did, its final metrics, and where its results are."""
