@@ -84,6 +84,14 @@ def _fast_exp(x):
 
 
 @numba.njit(**_JIT)
+def _geometry(u, A, B, entering, block):
+    """(length, d_state, channels per group, blocks per group, chunks, steps per chunk) of a scan."""
+    dim_per_group = u.shape[1] // B.shape[1]
+    chunks = entering.shape[1]
+    return u.shape[2], A.shape[1], dim_per_group, -(-dim_per_group // block), chunks, -(-u.shape[2] // chunks)
+
+
+@numba.njit(**_JIT)
 def _task_channels(task, batch_blocks, blocks_per_group, dim_per_group, block):
     """(batch, group, block index, first channel, end channel) of a task."""
     b, blk = task // batch_blocks, task % batch_blocks
@@ -129,18 +137,13 @@ def _buffers4(rows, cols, dtype):
 @numba.njit(**_JIT)
 def _forward(lo, hi, u, dt, A, B, C, D, z, has_z, block, y, last, entering):
     """Tasks lo..hi-1 of the forward pass: y (b, d, l), last (b, d, n), entering (b, chunks, n, d)."""
-    _, dim, length = u.shape
-    groups, d_state = B.shape[1], A.shape[1]
-    dim_per_group = dim // groups
-    blocks_per_group = (dim_per_group + block - 1) // block
-    chunks = entering.shape[1]
-    chunk = (length + chunks - 1) // chunks
+    length, d_state, dim_per_group, blocks_per_group, chunks, chunk = _geometry(u, A, B, entering, block)
     zero, one = u.dtype.type(0), u.dtype.type(1)
     At, h, _, _ = _buffers4(d_state, block, u.dtype)
     ut, dtt, yt, _ = _buffers4(chunk, block, u.dtype)
     Bt, Ct = np.empty((chunk, d_state), u.dtype), np.empty((chunk, d_state), u.dtype)
     for task in range(lo, hi):
-        b, g, _, d0, d1 = _task_channels(task, groups * blocks_per_group, blocks_per_group, dim_per_group, block)
+        b, g, _, d0, d1 = _task_channels(task, B.shape[1] * blocks_per_group, blocks_per_group, dim_per_group, block)
         nd = d1 - d0
         for n in range(d_state):
             for j in range(nd):
@@ -185,12 +188,7 @@ def _backward(
     the caller sums in a fixed order: dA_part (b, d, n), dB_part and dC_part (b, blocks, n, l),
     dD_part (b, d).
     """
-    _, dim, length = u.shape
-    groups, d_state = B.shape[1], A.shape[1]
-    dim_per_group = dim // groups
-    blocks_per_group = (dim_per_group + block - 1) // block
-    chunks = entering.shape[1]
-    chunk = (length + chunks - 1) // chunks
+    length, d_state, dim_per_group, blocks_per_group, chunks, chunk = _geometry(u, A, B, entering, block)
     zero, one = u.dtype.type(0), u.dtype.type(1)
     At, lam, dA_acc, _ = _buffers4(d_state, block, u.dtype)
     H, E = np.empty((chunk + 1, d_state, block), u.dtype), np.empty((chunk, d_state, block), u.dtype)
@@ -199,7 +197,7 @@ def _backward(
     dy, dD_acc = np.empty(block, u.dtype), np.empty(block, u.dtype)
     Bt, Ct = np.empty((chunk, d_state), u.dtype), np.empty((chunk, d_state), u.dtype)
     for task in range(lo, hi):
-        b, g, blk, d0, d1 = _task_channels(task, groups * blocks_per_group, blocks_per_group, dim_per_group, block)
+        b, g, blk, d0, d1 = _task_channels(task, B.shape[1] * blocks_per_group, blocks_per_group, dim_per_group, block)
         nd = d1 - d0
         for n in range(d_state):
             for j in range(nd):
