@@ -74,6 +74,17 @@ def make_inputs(batch, dim, d_state, length, *, b_form="shared", delta_scale=1.0
     return inputs
 
 
+def core_inputs_float64(inputs):
+    """u, dt = softplus(delta), A, B, C as the scan cores take them (B, C grouped), in float64."""
+    return [
+        inputs["u"].double(),
+        F.softplus(inputs["delta"].double()),
+        inputs["A"].double(),
+        inputs["B"].double()[:, None],
+        inputs["C"].double()[:, None],
+    ]
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
@@ -169,10 +180,7 @@ def test_long_sequence_with_large_steps_stays_exact(backend):
 def test_chunk_boundaries_do_not_matter():
     from starmamba.ops.scan_chunked import scan_chunked
 
-    inputs = make_inputs(1, 4, 3, 50, seed=11)
-    u, A = inputs["u"].double(), inputs["A"].double()
-    dt = F.softplus(inputs["delta"].double())
-    B, C = inputs["B"].double()[:, None], inputs["C"].double()[:, None]
+    u, dt, A, B, C = core_inputs_float64(make_inputs(1, 4, 3, 50, seed=11))
     y_ref, h_ref = scan_chunked(u, dt, A, B, C, chunk=50)
     for chunk in (1, 3, 7, 64):
         y, h = scan_chunked(u, dt, A, B, C, chunk=chunk)
@@ -183,15 +191,7 @@ def test_chunk_boundaries_do_not_matter():
 def test_chunked_gradients_pass_gradcheck_in_float64():
     from starmamba.ops.scan_chunked import scan_chunked
 
-    inputs = make_inputs(2, 4, 3, 11, seed=2)
-    args = [
-        inputs["u"].double(),
-        F.softplus(inputs["delta"].double()),
-        inputs["A"].double(),
-        inputs["B"].double()[:, None],
-        inputs["C"].double()[:, None],
-    ]
-    args = [a.requires_grad_() for a in args]
+    args = [a.requires_grad_() for a in core_inputs_float64(make_inputs(2, 4, 3, 11, seed=2))]
     assert torch.autograd.gradcheck(lambda *a: scan_chunked(*a, chunk=4), args)
 
 

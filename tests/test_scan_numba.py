@@ -6,11 +6,10 @@ import numba
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from starmamba.ops import scan_numba
 from starmamba.ops.scan_numba import fast_exp
-from test_scan import make_inputs
+from test_scan import core_inputs_float64, make_inputs
 
 
 @numba.njit
@@ -35,15 +34,8 @@ def test_fast_exp_is_accurate_over_the_float32_range_and_saturates():
 
 def _run(inputs, z=True):
     """y, last state and every gradient of one scan, in float64 (B and C grouped, as the kernel takes them)."""
-    args = {
-        "u": inputs["u"].double(),
-        "dt": F.softplus(inputs["delta"].double()),
-        "A": inputs["A"].double(),
-        "B": inputs["B"].double()[:, None],
-        "C": inputs["C"].double()[:, None],
-        "D": inputs["D"].double(),
-        "z": inputs["z"].double() if z else None,
-    }
+    args = dict(zip(("u", "dt", "A", "B", "C"), core_inputs_float64(inputs), strict=True))
+    args |= {"D": inputs["D"].double(), "z": inputs["z"].double() if z else None}
     leaves = {k: v.requires_grad_() for k, v in args.items() if v is not None}
     y, last = scan_numba.scan_numba(**args)
     g = torch.Generator().manual_seed(0)
@@ -64,15 +56,7 @@ def test_chunk_length_and_channel_blocks_do_not_change_the_result(monkeypatch, c
 
 def test_gradients_pass_gradcheck_in_float64():
     inputs = make_inputs(2, 4, 3, 11, seed=2)
-    args = [
-        inputs["u"].double(),
-        F.softplus(inputs["delta"].double()),
-        inputs["A"].double(),
-        inputs["B"].double()[:, None],
-        inputs["C"].double()[:, None],
-        inputs["D"].double(),
-        inputs["z"].double(),
-    ]
+    args = [*core_inputs_float64(inputs), inputs["D"].double(), inputs["z"].double()]
     args = [a.requires_grad_() for a in args]
     assert torch.autograd.gradcheck(scan_numba.scan_numba, args)
 
