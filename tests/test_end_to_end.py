@@ -70,3 +70,15 @@ def test_demo_at_its_smallest_budget_is_deterministic(tmp_path, fashion_mnist_di
     for row in first:  # the table reports what each finetuning run measured last
         logged = [r for r in read_metrics(Path(row["finetune_dir"]) / "metrics.jsonl") if "acc1" in r][-1]
         assert (row["acc1"], row["ema_acc1"]) == (logged["acc1"], logged["ema_acc1"])
+
+
+def test_fashion_mnist_finetune_preset_learns_in_its_first_steps(tmp_path, fashion_mnist_dir, capsys, monkeypatch):
+    # The preset as a user runs it (48 px, from scratch), cut to 40 steps: the ImageNet recipe it used
+    # to carry stayed at chance here (17.4% top-1 after 40 steps, 36.8% with the light recipe).
+    monkeypatch.setenv(FASHION_MNIST_DIR_ENV, str(fashion_mnist_dir))
+    options = ["--epochs", "1", "--limit_train", "2560", "--limit_val", "500", "--no_progress", "--no_tensorboard"]
+    assert main(["finetune", "--preset", "fashion_mnist", *options, "--output_dir", str(tmp_path)]) == 0
+    top1 = float(re.search(r"epoch 1: top-1 ([0-9.]+)%", capsys.readouterr().out).group(1))
+    labels = torch.tensor([label for _, label in build_dataset("fashion_mnist", "val", limit=500)])
+    majority = 100 * labels.bincount().max().item() / len(labels)
+    assert top1 > majority + 15
