@@ -12,10 +12,14 @@ recurrence of ``scan_reference``, with its cold compile time reported separately
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+# As the starmamba command has it (see starmamba/__init__.py); OpenMP reads it when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn.functional as F

@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+# As the starmamba command has it (see starmamba/__init__.py); OpenMP reads it when torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 from torch import nn
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from starmamba.ops import scan_numba
-from starmamba.ops.scan_numba import fast_exp
+from starmamba.ops.scan_numba import fast_exp, fast_log1p
 from test_scan import core_inputs_float64, make_inputs
 
 
@@ -32,9 +32,24 @@ def test_fast_exp_is_accurate_over_the_float32_range_and_saturates():
     assert out[2] == out[3] and out[2] > 1e38
 
 
+@numba.njit
+def _log1p_all(t, out):
+    for i in range(t.size):
+        out[i] = fast_log1p(t[i])
+
+
+def test_fast_log1p_is_accurate_on_zero_to_one():
+    t = np.concatenate([np.linspace(0, 1, 1_000_001), np.geomspace(1e-30, 1e-3, 10_001)]).astype(np.float32)
+    out = np.empty_like(t)
+    _log1p_all(t, out)
+    exact = np.log1p(t.astype(np.float64))
+    assert out[0] == 0
+    assert np.max(np.abs(out[1:] / exact[1:] - 1)) < 3e-7
+
+
 def _run(inputs, z=True):
     """y, last state and every gradient of one scan, in float64 (B and C grouped, as the kernel takes them)."""
-    args = dict(zip(("u", "dt", "A", "B", "C"), core_inputs_float64(inputs), strict=True))
+    args = dict(zip(("u", "delta", "A", "B", "C"), core_inputs_float64(inputs), strict=True))
     args |= {"D": inputs["D"].double(), "z": inputs["z"].double() if z else None}
     leaves = {k: v.requires_grad_() for k, v in args.items() if v is not None}
     y, last = scan_numba.scan_numba(**args)
@@ -54,11 +69,12 @@ def test_chunk_length_and_channel_blocks_do_not_change_the_result(monkeypatch, c
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_gradients_pass_gradcheck_in_float64():
+@pytest.mark.parametrize("softplus", [False, True])
+def test_gradients_pass_gradcheck_in_float64(softplus):
     inputs = make_inputs(2, 4, 3, 11, seed=2)
-    args = [*core_inputs_float64(inputs), inputs["D"].double(), inputs["z"].double()]
+    args = [*core_inputs_float64(inputs), inputs["D"].double(), inputs["z"].double(), inputs["delta_bias"].double()]
     args = [a.requires_grad_() for a in args]
-    assert torch.autograd.gradcheck(scan_numba.scan_numba, args)
+    assert torch.autograd.gradcheck(lambda *a: scan_numba.scan_numba(*a, delta_softplus=softplus), args)
 
 
 def test_thread_count_does_not_change_a_bit():
@@ -97,3 +113,24 @@ def test_a_forked_child_runs_the_kernel_after_its_parent():
     assert child.exitcode == 0
     for a, b in zip(result, parent, strict=True):
         np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_fused_softplus_step_matches_torch_over_both_signs():
+    # delta + bias from -30 to 30: both branches of the kernel's softplus and of its derivative.
+    from test_scan import recurrence_float64
+
+    g = torch.Generator().manual_seed(4)
+    u, z = torch.randn(2, 8, 60, generator=g), torch.randn(2, 8, 60, generator=g)
+    delta = torch.linspace(-30, 30, 2 * 8 * 60).view(2, 8, 60)
+    A, bias = -torch.rand(8, 4, generator=g) * 0.2, torch.randn(8, generator=g)
+    B, C = torch.randn(2, 1, 4, 60, generator=g), torch.randn(2, 1, 4, 60, generator=g)
+    grad = torch.randn(2, 8, 60, generator=g)
+    got = [t.clone().requires_grad_() for t in (u, delta, bias)]
+    want = [t.double().requires_grad_() for t in (u, delta, bias)]
+    y, _ = scan_numba.scan_numba(got[0], got[1], A, B, C, z=z, delta_bias=got[2], delta_softplus=True)
+    y64, _ = recurrence_float64(want[0], want[1], A, B[:, 0], C[:, 0], z=z, delta_bias=want[2], delta_softplus=True)
+    y.backward(grad)
+    y64.backward(grad.double())
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-4, atol=1e-4)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-3)

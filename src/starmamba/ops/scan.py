@@ -131,15 +131,15 @@ def selective_scan(
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     dtype = torch.promote_types(u.dtype, torch.float32)
     u_c, dt = u.to(dtype), delta.to(dtype)
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(dtype)[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
     A, B, C = A.to(dtype), B.to(dtype), C.to(dtype)
-    if name == "numba":  # D and the z gate are fused into the kernel
-        D, z = (None if t is None else t.to(dtype) for t in (D, z))
-        y, last_state = _kernel_module("numba")[0].scan_numba(u_c, dt, A, B, C, D, z)
+    if name == "numba":  # the step's bias and softplus, D and the z gate are fused into the kernel
+        D, z, delta_bias = (None if t is None else t.to(dtype) for t in (D, z, delta_bias))
+        y, last_state = _kernel_module("numba")[0].scan_numba(u_c, dt, A, B, C, D, z, delta_bias, delta_softplus)
     else:
+        if delta_bias is not None:
+            dt = dt + delta_bias.to(dtype)[:, None]
+        if delta_softplus:
+            dt = F.softplus(dt)
         y, last_state = _CORES[name](u_c, dt, A, B, C)
         if D is not None:
             y = y + u_c * D.to(dtype)[:, None]

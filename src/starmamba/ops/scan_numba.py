@@ -83,6 +83,32 @@ def _fast_exp(x):
     return exp32
 
 
+def fast_log1p(t):
+    """log(1 + t) for t in [0, 1]; in numba, a vectorisable float32 version (max. relative error 2e-7)."""
+    return math.log1p(t)
+
+
+@overload(fast_log1p)
+def _fast_log1p(t):
+    if t != types.float32:
+        return lambda t: math.log1p(t)
+
+    def log1p32(t):
+        # log(1 + t) = 2 atanh(q) with q = t / (2 + t) in [0, 1/3]: the odd series in q converges by a
+        # factor q^2 <= 1/9 per term, so seven terms reach float32 precision, with no log to call.
+        q = t / (np.float32(2.0) + t)
+        q2 = q * q
+        p = np.float32(1.0 / 13.0) + q2 * np.float32(1.0 / 15.0)
+        p = np.float32(1.0 / 11.0) + q2 * p
+        p = np.float32(1.0 / 9.0) + q2 * p
+        p = np.float32(1.0 / 7.0) + q2 * p
+        p = np.float32(1.0 / 5.0) + q2 * p
+        p = np.float32(1.0 / 3.0) + q2 * p
+        return np.float32(2.0) * q * (np.float32(1.0) + q2 * p)
+
+    return log1p32
+
+
 @numba.njit(**_JIT)
 def _geometry(u, A, B, entering, block):
     """(length, d_state, channels per group, blocks per group, chunks, steps per chunk) of a scan."""
@@ -101,12 +127,26 @@ def _task_channels(task, batch_blocks, blocks_per_group, dim_per_group, block):
 
 
 @numba.njit(**_JIT)
-def _load_chunk(b, g, d0, nd, t0, steps, u, dt, B, C, ut, dtt, Bt, Ct):
-    """Time-major copies of one chunk: ut, dtt (steps, nd) = u, dt; Bt, Ct (steps, n)."""
+def _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt, dsp, Bt, Ct):
+    """Time-major copies of one chunk: ut (steps, nd) = u; dtt = softplus(delta + bias) (or without the
+    softplus) and dsp its derivative by the pre-activation; Bt, Ct (steps, n)."""
+    zero, one = ut.dtype.type(0), ut.dtype.type(1)
     for j in range(nd):
         for s in range(steps):
             ut[s, j] = u[b, d0 + j, t0 + s]
-            dtt[s, j] = dt[b, d0 + j, t0 + s]
+            dtt[s, j] = delta[b, d0 + j, t0 + s] + bias[d0 + j]
+    if softplus:
+        for s in range(steps):
+            for j in range(nd):
+                # softplus(x) = max(x, 0) + log(1 + e^-|x|), its derivative sigmoid(x); no overflow.
+                x = dtt[s, j]
+                e = fast_exp(-abs(x))
+                dtt[s, j] = max(x, zero) + fast_log1p(e)
+                dsp[s, j] = (one if x >= zero else e) / (one + e)
+    else:
+        for s in range(steps):
+            for j in range(nd):
+                dsp[s, j] = one
     for n in range(B.shape[2]):
         for s in range(steps):
             Bt[s, n] = B[b, g, n, t0 + s]
@@ -135,12 +175,13 @@ def _buffers4(rows, cols, dtype):
 
 
 @numba.njit(**_JIT)
-def _forward(lo, hi, u, dt, A, B, C, D, z, has_z, block, y, last, entering):
-    """Tasks lo..hi-1 of the forward pass: y (b, d, l), last (b, d, n), entering (b, chunks, n, d)."""
+def _forward(lo, hi, u, delta, bias, softplus, A, B, C, D, z, has_z, block, y, last, entering, pre_gate):
+    """Tasks lo..hi-1 of the forward pass: y (b, d, l), last (b, d, n), entering (b, chunks, n, d) and,
+    with the z gate, the output before it, pre_gate (b, d, l)."""
     length, d_state, dim_per_group, blocks_per_group, chunks, chunk = _geometry(u, A, B, entering, block)
     zero, one = u.dtype.type(0), u.dtype.type(1)
     At, h, _, _ = _buffers4(d_state, block, u.dtype)
-    ut, dtt, yt, _ = _buffers4(chunk, block, u.dtype)
+    ut, dtt, yt, dsp = _buffers4(chunk, block, u.dtype)
     Bt, Ct = np.empty((chunk, d_state), u.dtype), np.empty((chunk, d_state), u.dtype)
     for task in range(lo, hi):
         b, g, _, d0, d1 = _task_channels(task, B.shape[1] * blocks_per_group, blocks_per_group, dim_per_group, block)
@@ -155,7 +196,7 @@ def _forward(lo, hi, u, dt, A, B, C, D, z, has_z, block, y, last, entering):
             for n in range(d_state):
                 for j in range(nd):
                     entering[b, k, n, d0 + j] = h[n, j]
-            _load_chunk(b, g, d0, nd, t0, steps, u, dt, B, C, ut, dtt, Bt, Ct)
+            _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt, dsp, Bt, Ct)
             for s in range(steps):
                 for j in range(nd):
                     yt[s, j] = D[d0 + j] * ut[s, j]
@@ -169,6 +210,7 @@ def _forward(lo, hi, u, dt, A, B, C, D, z, has_z, block, y, last, entering):
                 for s in range(steps):
                     v = yt[s, j]
                     if has_z:
+                        pre_gate[b, d0 + j, t0 + s] = v
                         zv = z[b, d0 + j, t0 + s]
                         v = v * (zv / (one + fast_exp(-zv)))
                     y[b, d0 + j, t0 + s] = v
@@ -179,12 +221,12 @@ def _forward(lo, hi, u, dt, A, B, C, D, z, has_z, block, y, last, entering):
 
 @numba.njit(**_JIT)
 def _backward(
-    lo, hi, u, dt, A, B, C, D, z, has_z, block, entering, gy, glast, du, ddt_out, dz, dA_part, dB_part, dC_part,
-    dD_part,
+    lo, hi, u, delta, bias, softplus, A, B, C, D, z, has_z, block, entering, pre_gate, gy, glast, du, ddelta, dz,
+    dA_part, dB_part, dC_part, dD_part,
 ):  # fmt: skip
     """Tasks lo..hi-1 of the backward pass.
 
-    du, ddt_out, dz (b, d, l) are written whole; the parameter gradients as per-task partials that
+    du, ddelta, dz (b, d, l) are written whole; the parameter gradients as per-task partials that
     the caller sums in a fixed order: dA_part (b, d, n), dB_part and dC_part (b, blocks, n, l),
     dD_part (b, d).
     """
@@ -192,9 +234,10 @@ def _backward(
     zero, one = u.dtype.type(0), u.dtype.type(1)
     At, lam, dA_acc, _ = _buffers4(d_state, block, u.dtype)
     H, E = np.empty((chunk + 1, d_state, block), u.dtype), np.empty((chunk, d_state, block), u.dtype)
-    ut, dtt, gt, _ = _buffers4(chunk, block, u.dtype)
-    dut, ddt, _, _ = _buffers4(chunk, block, u.dtype)
+    ut, dtt, gt, dsp = _buffers4(chunk, block, u.dtype)
+    dut, ddt, zt, dzt = _buffers4(chunk, block, u.dtype)
     dy, dD_acc = np.empty(block, u.dtype), np.empty(block, u.dtype)
+    pt = np.empty((chunk, block), u.dtype)
     Bt, Ct = np.empty((chunk, d_state), u.dtype), np.empty((chunk, d_state), u.dtype)
     for task in range(lo, hi):
         b, g, blk, d0, d1 = _task_channels(task, B.shape[1] * blocks_per_group, blocks_per_group, dim_per_group, block)
@@ -209,7 +252,7 @@ def _backward(
         for k in range(chunks - 1, -1, -1):
             t0 = k * chunk
             steps = min(chunk, length - t0)
-            _load_chunk(b, g, d0, nd, t0, steps, u, dt, B, C, ut, dtt, Bt, Ct)
+            _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt, dsp, Bt, Ct)
             for n in range(d_state):
                 for j in range(nd):
                     H[0, n, j] = entering[b, k, n, d0 + j]
@@ -217,18 +260,20 @@ def _backward(
             for j in range(nd):
                 for s in range(steps):
                     gt[s, j] = gy[b, d0 + j, t0 + s]
+            if has_z:
+                for j in range(nd):
+                    for s in range(steps):
+                        zt[s, j] = z[b, d0 + j, t0 + s]
+                        pt[s, j] = pre_gate[b, d0 + j, t0 + s]
             for s in range(steps - 1, -1, -1):
-                # Through the gate: y = (C h + D u) * silu(z).
+                # Through the gate: y = pre_gate * silu(z), pre_gate = C h + D u as the forward pass kept it.
                 for j in range(nd):
                     dy[j] = gt[s, j]
                 if has_z:
                     for j in range(nd):
-                        pre = D[d0 + j] * ut[s, j]
-                        for n in range(d_state):
-                            pre += Ct[s, n] * H[s + 1, n, j]
-                        zv = z[b, d0 + j, t0 + s]
+                        zv = zt[s, j]
                         sig = one / (one + fast_exp(-zv))
-                        dz[b, d0 + j, t0 + s] = dy[j] * pre * sig * (one + zv * (one - sig))
+                        dzt[s, j] = dy[j] * pt[s, j] * sig * (one + zv * (one - sig))
                         dy[j] = dy[j] * zv * sig
                 for j in range(nd):
                     dD_acc[j] += dy[j] * ut[s, j]
@@ -252,10 +297,17 @@ def _backward(
                         lam[n, j] = lv * ea
                     dC_part[b, blk, n, t0 + s] = sum_c
                     dB_part[b, blk, n, t0 + s] = sum_b
+            for s in range(steps):
+                for j in range(nd):
+                    ddt[s, j] *= dsp[s, j]
             for j in range(nd):
                 for s in range(steps):
-                    ddt_out[b, d0 + j, t0 + s] = ddt[s, j]
+                    ddelta[b, d0 + j, t0 + s] = ddt[s, j]
                     du[b, d0 + j, t0 + s] = dut[s, j]
+            if has_z:
+                for j in range(nd):
+                    for s in range(steps):
+                        dz[b, d0 + j, t0 + s] = dzt[s, j]
         for j in range(nd):
             dD_part[b, d0 + j] = dD_acc[j]
             for n in range(d_state):
@@ -299,7 +351,7 @@ def _np(t: Tensor) -> np.ndarray:
 
 class _NumbaScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, D, z):
+    def forward(ctx, u, delta, A, B, C, D, z, bias, softplus):
         batch, dim, length = u.shape
         groups = B.shape[1]
         block = _block(dim // groups)
@@ -307,44 +359,58 @@ class _NumbaScan(torch.autograd.Function):
         y = torch.empty_like(u)
         last = u.new_empty(batch, dim, A.shape[1])
         entering = u.new_empty(batch, -(-length // CHUNK), A.shape[1], dim)
+        # Kept for the backward pass through the gate, as mamba_ssm keeps it: recomputing it cost more
+        # than a fifth of the backward pass.
+        pre_gate = u.new_empty(1, 1, 1) if z is None else torch.empty_like(u)
         z_arg = u.new_empty(1, 1, 1) if z is None else z
-        _parallel(_forward, tasks, *map(_np, (u, dt, A, B, C, D, z_arg)), z is not None, block,
-                  *map(_np, (y, last, entering)))  # fmt: skip
-        ctx.save_for_backward(u, dt, A, B, C, D, z, entering)
-        ctx.block, ctx.tasks = block, tasks
+        _parallel(_forward, tasks, _np(u), _np(delta), _np(bias), softplus, *map(_np, (A, B, C, D, z_arg)),
+                  z is not None, block, *map(_np, (y, last, entering, pre_gate)))  # fmt: skip
+        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, entering, pre_gate)
+        ctx.block, ctx.tasks, ctx.softplus = block, tasks, softplus
         ctx.set_materialize_grads(False)
         return y, last
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
-        u, dt, A, B, C, D, z, entering = ctx.saved_tensors
+        u, delta, A, B, C, D, z, bias, entering, pre_gate = ctx.saved_tensors
         batch, dim, length = u.shape
         groups, d_state = B.shape[1], A.shape[1]
         blocks = ctx.tasks // batch
         grad_y = u.new_zeros(u.shape) if grad_y is None else grad_y.to(u.dtype).contiguous()
         grad_last = u.new_zeros(batch, dim, d_state) if grad_last is None else grad_last.to(u.dtype).contiguous()
-        du, ddt = torch.empty_like(u), torch.empty_like(u)
+        du, ddelta = torch.empty_like(u), torch.empty_like(u)
         dz = u.new_empty(1, 1, 1) if z is None else torch.empty_like(u)
         dA_part, dD_part = u.new_empty(batch, dim, d_state), u.new_empty(batch, dim)
         dB_part, dC_part = (u.new_empty(batch, blocks, d_state, length) for _ in range(2))
         z_arg = u.new_empty(1, 1, 1) if z is None else z
-        outputs = (du, ddt, dz, dA_part, dB_part, dC_part, dD_part)
-        _parallel(_backward, ctx.tasks, *map(_np, (u, dt, A, B, C, D, z_arg)), z is not None, ctx.block,
-                  *map(_np, (entering, grad_y, grad_last, *outputs)))  # fmt: skip
+        outputs = (du, ddelta, dz, dA_part, dB_part, dC_part, dD_part)
+        _parallel(_backward, ctx.tasks, _np(u), _np(delta), _np(bias), ctx.softplus, *map(_np, (A, B, C, D, z_arg)),
+                  z is not None, ctx.block, *map(_np, (entering, pre_gate, grad_y, grad_last, *outputs)))  # fmt: skip
         dB = dB_part.view(batch, groups, blocks // groups, d_state, length).sum(2)
         dC = dC_part.view(batch, groups, blocks // groups, d_state, length).sum(2)
-        return du, ddt, dA_part.sum(0), dB, dC, dD_part.sum(0), None if z is None else dz
+        dbias = ddelta.sum((0, 2)) if ctx.needs_input_grad[7] else None
+        return du, ddelta, dA_part.sum(0), dB, dC, dD_part.sum(0), None if z is None else dz, dbias, None
 
 
 def scan_numba(
-    u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """The selective scan after discretisation's step size: ``(C h + D u) * silu(z)`` with the state h.
+    """The selective scan, discretisation step included: ``(C h + D u) * silu(z)`` with the state h.
 
-    Shapes: u, dt (the step, after bias and softplus), z (b, d, l) on the CPU; A (d, n);
-    B, C (b, g, n, l) with g dividing d; D (d,). All of one dtype, float32 or float64.
+    The step is dt = softplus(delta + delta_bias) (without softplus unless ``delta_softplus``).
+    Shapes: u, delta, z (b, d, l) on the CPU; A (d, n); B, C (b, g, n, l) with g dividing d;
+    D, delta_bias (d,). All of one dtype, float32 or float64.
     Returns y (b, d, l) and the last state (b, d, n); differentiable in every tensor.
     """
     D = u.new_zeros(u.shape[1]) if D is None else D
-    args = [t.contiguous() for t in (u, dt, A, B, C, D)]
-    return _NumbaScan.apply(*args, None if z is None else z.contiguous())
+    delta_bias = u.new_zeros(u.shape[1]) if delta_bias is None else delta_bias
+    args = [t.contiguous() for t in (u, delta, A, B, C, D)]
+    return _NumbaScan.apply(*args, None if z is None else z.contiguous(), delta_bias.contiguous(), delta_softplus)
