@@ -173,8 +173,10 @@ def test_low_label_finetuning_takes_as_many_steps_as_full_label():
 
     scale = Scale(budget=1.0)
     options = low_label_options(scale, num_classes=10, per_class=100)
-    # 4096 images x 2 epochs at budget 1 = 8192 images seen; 1000 labelled images -> 8 epochs
-    assert options == {"labels_per_class": 100, "limit_train": None, "epochs": 8, "warmup_epochs": 0.25 * 4.096}
+    # 8192 images x 1 epoch at budget 1 = 8192 images seen; 1000 labelled images -> 8 epochs
+    assert options == {
+        "labels_per_class": 100, "limit_train": None, "epochs": 8, "eval_every": 8, "warmup_epochs": 0.25 * 8.192
+    }  # fmt: skip
     assert scale.images(FINETUNE_IMAGES) * EPOCHS == 8192
     config = dataclasses.replace(finetune_config(scale, Path("runs"), 0), **options)
     assert config.labels_per_class == 100 and config.limit_train is None
@@ -182,5 +184,8 @@ def test_low_label_finetuning_takes_as_many_steps_as_full_label():
 
 def test_every_small_scale_number_is_on_the_whole_validation_split_by_default(tmp_path):
     assert Scale().val_images is None
-    assert finetune_config(Scale(), tmp_path, 0).limit_val is None
-    assert pretrain_config(Scale(), tmp_path, 0).limit_val is None
+    config = finetune_config(Scale(), tmp_path, 0)
+    assert config.limit_val is None and config.eval_every == config.epochs  # measured once, at the end
+    # The pretraining loss (a curve, not a reported number) is followed on 1024 validation images.
+    assert pretrain_config(Scale(), tmp_path, 0).limit_val == 1024
+    assert pretrain_config(Scale(val_images=200), tmp_path, 0).limit_val == 200
