@@ -134,3 +134,24 @@ def test_fused_softplus_step_matches_torch_over_both_signs():
     torch.testing.assert_close(y.double(), y64.detach(), rtol=1e-4, atol=1e-4)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "code,env,expected",
+    [
+        ("import starmamba", {}, "PASSIVE"),  # workers that sleep leave the cores to the scan's threads
+        ("import starmamba", {"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),  # the user's choice stands
+        ("import torch, starmamba", {}, None),  # too late: OpenMP has read its settings with torch
+    ],
+)
+def test_importing_starmamba_first_makes_openmp_workers_sleep(code, env, expected):
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    printed = subprocess.run(
+        [sys.executable, "-c", f"{code}; import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
+        env=clean | env, capture_output=True, text=True, check=True,
+    ).stdout.split()[-1]  # fmt: skip
+    assert printed == str(expected)
