@@ -39,9 +39,10 @@ def noise_verdict(name: str, metric: str, diff: dict) -> str:
 
 
 def demo_figures(rows: list[dict], out: Path) -> None:
-    """curves.png (pretraining loss, finetuning top-1 per method) and reconstructions.png.
+    """curves.png (pretraining loss; finetuning loss, with the final top-1, per method) and reconstructions.png.
 
-    ``rows`` name each method and its run folders (``pretrain_dir`` may be None).
+    ``rows`` name each method and its run folders (``pretrain_dir`` may be None). The small-scale runs
+    measure top-1 once, at their end, so the finetuning panel follows the training loss.
     """
     import matplotlib
 
@@ -54,12 +55,13 @@ def demo_figures(rows: list[dict], out: Path) -> None:
         if row["pretrain_dir"]:
             records = [r for r in read_metrics(Path(row["pretrain_dir"]) / "metrics.jsonl") if "loss" in r]
             ax_pre.plot([r["step"] for r in records], [r["loss"] for r in records], label=method)
-        fine = [r for r in read_metrics(Path(row["finetune_dir"]) / "metrics.jsonl") if "acc1" in r]
-        ax_fine.plot([r["epoch"] for r in fine], [r["acc1"] for r in fine], marker="o", label=f"{method}")
-        if fine and "ema_acc1" in fine[0]:
-            ax_fine.plot([r["epoch"] for r in fine], [r["ema_acc1"] for r in fine], ls="--", label=f"{method} (EMA)")
+        records = read_metrics(Path(row["finetune_dir"]) / "metrics.jsonl")
+        losses = [r for r in records if "loss" in r]
+        top1 = [r["acc1"] for r in records if "acc1" in r]
+        label = method + (f" (top-1 {top1[-1]:.1f}%)" if top1 else "")
+        ax_fine.plot([r["step"] for r in losses], [r["loss"] for r in losses], marker=".", label=label)
     ax_pre.set(title="pretraining loss (norm-pixel MSE)", xlabel="step", ylabel="loss")
-    ax_fine.set(title="finetuning: validation top-1", xlabel="epoch", ylabel="top-1 (%)")
+    ax_fine.set(title="finetuning on all labels: training loss", xlabel="step", ylabel="cross-entropy")
     for ax in (ax_pre, ax_fine):
         ax.legend()
         ax.grid(alpha=0.3)
