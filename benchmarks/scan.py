@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-# As the starmamba command has it (see starmamba/__init__.py); OpenMP reads it when torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch: starmamba sets torch's OpenMP wait policy as the starmamba command has it.
+import starmamba  # noqa: F401
+
+# isort: split
 
 import torch
 import torch.nn.functional as F

@@ -20,8 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-# As the starmamba command has it (see starmamba/__init__.py); OpenMP reads it when torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch: starmamba sets torch's OpenMP wait policy as the starmamba command has it.
+import starmamba  # noqa: F401
+
+# isort: split
 
 import torch
 from torch import nn
