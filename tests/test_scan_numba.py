@@ -1,6 +1,9 @@
 """The fused numba CPU scan: its exp, chunking, task partition, threads and forks."""
 
 import multiprocessing
+import os
+import subprocess
+import sys
 
 import numba
 import numpy as np
@@ -9,7 +12,7 @@ import torch
 
 from starmamba.ops import scan_numba
 from starmamba.ops.scan_numba import fast_exp, fast_log1p
-from test_scan import core_inputs_float64, make_inputs
+from test_scan import core_inputs_float64, make_inputs, recurrence_float64
 
 
 @numba.njit
@@ -117,8 +120,6 @@ def test_a_forked_child_runs_the_kernel_after_its_parent():
 
 def test_fused_softplus_step_matches_torch_over_both_signs():
     # delta + bias from -30 to 30: both branches of the kernel's softplus and of its derivative.
-    from test_scan import recurrence_float64
-
     g = torch.Generator().manual_seed(4)
     u, z = torch.randn(2, 8, 60, generator=g), torch.randn(2, 8, 60, generator=g)
     delta = torch.linspace(-30, 30, 2 * 8 * 60).view(2, 8, 60)
@@ -145,10 +146,6 @@ def test_fused_softplus_step_matches_torch_over_both_signs():
     ],
 )
 def test_importing_starmamba_first_makes_openmp_workers_sleep(code, env, expected):
-    import os
-    import subprocess
-    import sys
-
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     printed = subprocess.run(
         [sys.executable, "-c", f"{code}; import os; print(os.environ.get('OMP_WAIT_POLICY'))"],
