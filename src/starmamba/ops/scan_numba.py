@@ -127,9 +127,9 @@ def _task_channels(task, batch_blocks, blocks_per_group, dim_per_group, block):
 
 
 @numba.njit(**_JIT)
-def _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt, dsp, Bt, Ct):
+def _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt, dtu, dsp, Bt, Ct):
     """Time-major copies of one chunk: ut (steps, nd) = u; dtt = softplus(delta + bias) (or without the
-    softplus) and dsp its derivative by the pre-activation; Bt, Ct (steps, n)."""
+    softplus), dtu = dtt * ut and dsp the derivative of dtt by the pre-activation; Bt, Ct (steps, n)."""
     zero, one = ut.dtype.type(0), ut.dtype.type(1)
     for j in range(nd):
         for s in range(steps):
@@ -147,6 +147,9 @@ def _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt
         for s in range(steps):
             for j in range(nd):
                 dsp[s, j] = one
+    for s in range(steps):
+        for j in range(nd):
+            dtu[s, j] = dtt[s, j] * ut[s, j]
     for n in range(B.shape[2]):
         for s in range(steps):
             Bt[s, n] = B[b, g, n, t0 + s]
@@ -154,15 +157,21 @@ def _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt
 
 
 @numba.njit(**_JIT)
-def _recompute(steps, nd, At, ut, dtt, Bt, H, E):
-    """H[s + 1] = E[s] H[s] + dt u B with E[s] = exp(dt A), for a chunk; H[0] holds the entering state."""
+def _recompute(steps, nd, At, dtt, dtu, Bt, dyt, H, E, dCt):
+    """H[s + 1] = E[s] H[s] + dt u B with E[s] = exp(dt A), for a chunk (H[0] holds the entering state),
+    and dCt[s, n] = sum over channels of dy[s] H[s + 1]: the gradient by C needs no adjoint state."""
+    zero = dtt.dtype.type(0)
     for s in range(steps):
         for n in range(At.shape[0]):
             bn = Bt[s, n]
+            sum_c = zero
             for j in range(nd):
                 ea = fast_exp(dtt[s, j] * At[n, j])
                 E[s, n, j] = ea
-                H[s + 1, n, j] = ea * H[s, n, j] + dtt[s, j] * ut[s, j] * bn
+                hv = ea * H[s, n, j] + dtu[s, j] * bn
+                H[s + 1, n, j] = hv
+                sum_c += dyt[s, j] * hv
+            dCt[s, n] = sum_c
 
 
 @numba.njit(**_JIT)
@@ -182,6 +191,7 @@ def _forward(lo, hi, u, delta, bias, softplus, A, B, C, D, z, has_z, block, y, l
     zero, one = u.dtype.type(0), u.dtype.type(1)
     At, h, _, _ = _buffers4(d_state, block, u.dtype)
     ut, dtt, yt, dsp = _buffers4(chunk, block, u.dtype)
+    dtu = np.empty((chunk, block), u.dtype)
     Bt, Ct = np.empty((chunk, d_state), u.dtype), np.empty((chunk, d_state), u.dtype)
     for task in range(lo, hi):
         b, g, _, d0, d1 = _task_channels(task, B.shape[1] * blocks_per_group, blocks_per_group, dim_per_group, block)
@@ -196,14 +206,14 @@ def _forward(lo, hi, u, delta, bias, softplus, A, B, C, D, z, has_z, block, y, l
             for n in range(d_state):
                 for j in range(nd):
                     entering[b, k, n, d0 + j] = h[n, j]
-            _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt, dsp, Bt, Ct)
+            _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt, dtu, dsp, Bt, Ct)
             for s in range(steps):
                 for j in range(nd):
                     yt[s, j] = D[d0 + j] * ut[s, j]
                 for n in range(d_state):
                     bn, cn = Bt[s, n], Ct[s, n]
                     for j in range(nd):
-                        hv = fast_exp(dtt[s, j] * At[n, j]) * h[n, j] + dtt[s, j] * ut[s, j] * bn
+                        hv = fast_exp(dtt[s, j] * At[n, j]) * h[n, j] + dtu[s, j] * bn
                         h[n, j] = hv
                         yt[s, j] += cn * hv
             for j in range(nd):
@@ -234,11 +244,11 @@ def _backward(
     zero, one = u.dtype.type(0), u.dtype.type(1)
     At, lam, dA_acc, _ = _buffers4(d_state, block, u.dtype)
     H, E = np.empty((chunk + 1, d_state, block), u.dtype), np.empty((chunk, d_state, block), u.dtype)
-    ut, dtt, gt, dsp = _buffers4(chunk, block, u.dtype)
-    dut, ddt, zt, dzt = _buffers4(chunk, block, u.dtype)
-    dy, dD_acc = np.empty(block, u.dtype), np.empty(block, u.dtype)
-    pt = np.empty((chunk, block), u.dtype)
+    ut, dtt, dtu, dsp = _buffers4(chunk, block, u.dtype)
+    dut, ddt, dyt, _ = _buffers4(chunk, block, u.dtype)
+    through_a, lam_b, dD_acc = np.empty(block, u.dtype), np.empty(block, u.dtype), np.empty(block, u.dtype)
     Bt, Ct = np.empty((chunk, d_state), u.dtype), np.empty((chunk, d_state), u.dtype)
+    dCt = np.empty((chunk, d_state), u.dtype)
     for task in range(lo, hi):
         b, g, blk, d0, d1 = _task_channels(task, B.shape[1] * blocks_per_group, blocks_per_group, dim_per_group, block)
         nd = d1 - d0
@@ -252,62 +262,54 @@ def _backward(
         for k in range(chunks - 1, -1, -1):
             t0 = k * chunk
             steps = min(chunk, length - t0)
-            _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt, dsp, Bt, Ct)
+            _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt, dtu, dsp, Bt, Ct)
+            grad_pre = gy
+            if has_z:
+                # Through the gate, y = pre_gate * silu(z) (pre_gate = C h + D u as the forward pass kept
+                # it), on contiguous rows so that it vectorises; du holds the gradient by pre_gate until
+                # the chunk's du is written.
+                grad_pre = du
+                for j in range(nd):
+                    for s in range(steps):
+                        zv, gv = z[b, d0 + j, t0 + s], gy[b, d0 + j, t0 + s]
+                        sig = one / (one + fast_exp(-zv))
+                        dz[b, d0 + j, t0 + s] = gv * pre_gate[b, d0 + j, t0 + s] * sig * (one + zv * (one - sig))
+                        du[b, d0 + j, t0 + s] = gv * zv * sig
+            for j in range(nd):
+                for s in range(steps):
+                    dyt[s, j] = grad_pre[b, d0 + j, t0 + s]
             for n in range(d_state):
                 for j in range(nd):
                     H[0, n, j] = entering[b, k, n, d0 + j]
-            _recompute(steps, nd, At, ut, dtt, Bt, H, E)
-            for j in range(nd):
-                for s in range(steps):
-                    gt[s, j] = gy[b, d0 + j, t0 + s]
-            if has_z:
-                for j in range(nd):
-                    for s in range(steps):
-                        zt[s, j] = z[b, d0 + j, t0 + s]
-                        pt[s, j] = pre_gate[b, d0 + j, t0 + s]
+            _recompute(steps, nd, At, dtt, dtu, Bt, dyt, H, E, dCt)
             for s in range(steps - 1, -1, -1):
-                # Through the gate: y = pre_gate * silu(z), pre_gate = C h + D u as the forward pass kept it.
                 for j in range(nd):
-                    dy[j] = gt[s, j]
-                if has_z:
-                    for j in range(nd):
-                        zv = zt[s, j]
-                        sig = one / (one + fast_exp(-zv))
-                        dzt[s, j] = dy[j] * pt[s, j] * sig * (one + zv * (one - sig))
-                        dy[j] = dy[j] * zv * sig
-                for j in range(nd):
-                    dD_acc[j] += dy[j] * ut[s, j]
-                    dut[s, j] = dy[j] * D[d0 + j]
-                    ddt[s, j] = zero
+                    through_a[j] = zero
+                    lam_b[j] = zero
                 for n in range(d_state):
                     cn, bn = Ct[s, n], Bt[s, n]
-                    sum_c = zero
                     sum_b = zero
                     for j in range(nd):
-                        # lam: dLoss/dh at step s; lam * dA is what reaches step s - 1.
-                        lv = lam[n, j] + dy[j] * cn
-                        sum_c += dy[j] * H[s + 1, n, j]
-                        dtv = dtt[s, j]
-                        ea = E[s, n, j]
-                        through_a = lv * ea * H[s, n, j]
-                        ddt[s, j] += through_a * At[n, j] + lv * bn * ut[s, j]
-                        dut[s, j] += lv * dtv * bn
-                        sum_b += lv * dtv * ut[s, j]
-                        dA_acc[n, j] += through_a * dtv
-                        lam[n, j] = lv * ea
-                    dC_part[b, blk, n, t0 + s] = sum_c
+                        # lam: dLoss/dh at step s; lam * exp(dt A) is what reaches step s - 1.
+                        lv = lam[n, j] + dyt[s, j] * cn
+                        carried = lv * E[s, n, j]
+                        via_a = carried * H[s, n, j]
+                        through_a[j] += via_a * At[n, j]
+                        dA_acc[n, j] += via_a * dtt[s, j]
+                        lam_b[j] += lv * bn
+                        sum_b += lv * dtu[s, j]
+                        lam[n, j] = carried
                     dB_part[b, blk, n, t0 + s] = sum_b
-            for s in range(steps):
+                    dC_part[b, blk, n, t0 + s] = dCt[s, n]
+                # h[s + 1] = exp(dt A) h[s] + dt u B: dt and u reach the state through sum_n lam B.
                 for j in range(nd):
-                    ddt[s, j] *= dsp[s, j]
+                    dD_acc[j] += dyt[s, j] * ut[s, j]
+                    dut[s, j] = dyt[s, j] * D[d0 + j] + lam_b[j] * dtt[s, j]
+                    ddt[s, j] = (through_a[j] + lam_b[j] * ut[s, j]) * dsp[s, j]
             for j in range(nd):
                 for s in range(steps):
                     ddelta[b, d0 + j, t0 + s] = ddt[s, j]
                     du[b, d0 + j, t0 + s] = dut[s, j]
-            if has_z:
-                for j in range(nd):
-                    for s in range(steps):
-                        dz[b, d0 + j, t0 + s] = dzt[s, j]
         for j in range(nd):
             dD_part[b, d0 + j] = dD_acc[j]
             for n in range(d_state):
