@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import starmamba.ops
 from starmamba import demo, reports
 
 
@@ -25,8 +26,8 @@ def fake_runs(monkeypatch):
         return {"acc1": base[method_of(root)] + seed}  # seed moves every method alike: paired std 0
 
     def finetune(scale, root, seed, pre, overrides=None):
-        low = overrides is not None
-        calls.append(("finetune", method_of(root), seed, low))
+        low = "labels_per_class" in overrides
+        calls.append(("finetune", method_of(root), seed, low, overrides["ema_decay"]))
         jitter = {("STAR", 0): 0.0, ("STAR", 1): 2.0}.get((method_of(root), seed), 0.0)
         acc = base[method_of(root)] + (-10.0 if low else 5.0) + jitter
         return {"acc1": acc, "ema_acc1": acc + 0.5, "seconds": 3.0, "output_dir": f"{root}/fine-{seed}-{low}"}
@@ -34,6 +35,7 @@ def fake_runs(monkeypatch):
     for name, fake in (("pretrain", pretrain), ("knn_probe", knn_probe), ("finetune", finetune)):
         monkeypatch.setattr(demo, name, fake)
     monkeypatch.setattr(reports, "demo_figures", lambda rows, out: calls.append(("figures", len(rows))))
+    monkeypatch.setattr(starmamba.ops, "warm_up", lambda: calls.append(("warm_up",)))
     return calls
 
 
@@ -47,6 +49,8 @@ def test_demo_reports_three_metrics_per_method_and_paired_verdicts(tmp_path, fak
                                                        sort_keys=True)), ("from scratch", False, "{}")
     ]  # fmt: skip
     assert sum(1 for c in fake_runs if c[0] == "finetune" and c[3]) == 6  # one low-label run per method and seed
+    assert {c[4] for c in fake_runs if c[0] == "finetune"} == {None}  # no EMA copy: its top-1 is not reported
+    assert fake_runs[0] == ("warm_up",)  # the kernels compile before the first pretraining is timed
     report = json.loads((tmp_path / "table.json").read_text())
     star = report["summary"]["STAR"]
     assert star["knn_acc1"] == {"mean": 80.5, "std": pytest.approx(0.5**0.5), "values": [80.0, 81.0]}

@@ -152,3 +152,24 @@ def test_importing_starmamba_first_makes_openmp_workers_sleep(code, env, expecte
         env=clean | env, capture_output=True, text=True, check=True,
     ).stdout.split()[-1]  # fmt: skip
     assert printed == str(expected)
+
+
+def test_warm_up_compiles_the_kernels_a_training_step_calls(tmp_path):
+    # In a fresh process with an empty JIT cache: nothing is compiled until warm_up, which compiles the
+    # float32 forward and backward that the models' scans then dispatch to without compiling again.
+    code = """
+import torch
+from starmamba.ops import scan_numba, selective_scan, warm_up
+kernels = (scan_numba._forward, scan_numba._backward)
+before = [len(k.signatures) for k in kernels]
+backend = warm_up("cpu")
+after = [len(k.signatures) for k in kernels]
+u = torch.randn(2, 8, 37, requires_grad=True)
+B, C = torch.randn(2, 4, 16, 37), torch.randn(2, 4, 16, 37)
+selective_scan(u, torch.rand(2, 8, 37), -torch.rand(8, 16), B, C, torch.ones(8), torch.randn(2, 8, 37),
+               torch.zeros(8), True).sum().backward()
+print(backend, before, after, [len(k.signatures) for k in kernels])
+"""
+    env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path), "STARMAMBA_SCAN_BACKEND": ""}
+    printed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert printed.stdout.split("\n")[-2] == "numba [0, 0] [1, 1] [1, 1]"

@@ -130,6 +130,9 @@ def _run_group(
     scale: Scale, root: str, seed: int, star: dict, classifiers: list[dict], with_finetune: bool = True
 ) -> list[dict]:
     """Pretrain and probe once, finetune every classifier variant (if ``with_finetune``); results in the order given."""
+    from starmamba.ops import warm_up
+
+    warm_up()  # compiles the scan kernels once per process, so that no row's pretraining time pays for it
     pre = pretrain(scale, Path(root), seed, star)
     probe = knn_probe(scale, Path(root), seed, pre, star)
     return [

@@ -149,6 +149,21 @@ def selective_scan(
     return (y, last_state) if return_last_state else y
 
 
+def warm_up(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> str:
+    """Compile the default backend's kernels for ``device`` (default: CUDA if there is one, else the CPU)
+    and ``dtype`` with one tiny forward + backward (a JIT's first call costs seconds); returns the
+    backend's name. Timed comparisons call it first, so that no run timed pays for the compilation."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    generator = torch.Generator().manual_seed(0)
+    u, delta, z = (torch.randn(1, 2, 3, generator=generator, dtype=dtype).to(device) for _ in range(3))
+    B, C = (torch.randn(1, 1, 4, 3, generator=generator, dtype=dtype).to(device) for _ in range(2))
+    A = -torch.ones(2, 4, dtype=dtype, device=device)
+    D, bias = torch.ones(2, dtype=dtype, device=device), torch.zeros(2, dtype=dtype, device=device)
+    u.requires_grad_()
+    selective_scan(u, delta, A, B, C, D, z, bias, True).sum().backward()
+    return resolve_backend(None, device, dtype)
+
+
 def _grouped(B: Tensor, C: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     """Bring B and C to (b, g, n, l) with one g for both (one group per channel where they differ)."""
     batch, dim, length = u.shape
