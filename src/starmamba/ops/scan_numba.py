@@ -35,8 +35,10 @@ from numba.extending import intrinsic, overload
 from torch import Tensor
 
 # Steps per chunk (states kept for the backward pass) and channels per task. A task's buffers,
-# (CHUNK + 1) x d_state x BLOCK states among them, then stay in a core's L2 cache.
-CHUNK = 32
+# 2 (CHUNK + 1) x d_state x BLOCK states and factors among them (~330 KB), then stay in a core's L2
+# cache. Measured against 32, a chunk of 40 (one chunk for the small-scale finetune's 37 tokens) made
+# forward + backward about 10% faster at 37 and 1280 tokens.
+CHUNK = 40
 BLOCK = 64
 _JIT = {"nogil": True, "cache": True, "error_model": "numpy", "fastmath": {"contract", "reassoc", "nsz", "arcp"}}
 
@@ -113,7 +115,7 @@ def _fast_log1p(t):
 def _geometry(u, A, B, entering, block):
     """(length, d_state, channels per group, blocks per group, chunks, steps per chunk) of a scan."""
     dim_per_group = u.shape[1] // B.shape[1]
-    chunks = entering.shape[1]
+    chunks = entering.shape[1] + 1
     return u.shape[2], A.shape[1], dim_per_group, -(-dim_per_group // block), chunks, -(-u.shape[2] // chunks)
 
 
@@ -185,7 +187,7 @@ def _buffers4(rows, cols, dtype):
 
 @numba.njit(**_JIT)
 def _forward(lo, hi, u, delta, bias, softplus, A, B, C, D, z, has_z, block, y, last, entering, pre_gate):
-    """Tasks lo..hi-1 of the forward pass: y (b, d, l), last (b, d, n), entering (b, chunks, n, d) and,
+    """Tasks lo..hi-1 of the forward pass: y (b, d, l), last (b, d, n), entering (b, chunks - 1, n, d) and,
     with the z gate, the output before it, pre_gate (b, d, l)."""
     length, d_state, dim_per_group, blocks_per_group, chunks, chunk = _geometry(u, A, B, entering, block)
     zero, one = u.dtype.type(0), u.dtype.type(1)
@@ -203,9 +205,10 @@ def _forward(lo, hi, u, delta, bias, softplus, A, B, C, D, z, has_z, block, y, l
         for k in range(chunks):
             t0 = k * chunk
             steps = min(chunk, length - t0)
-            for n in range(d_state):
-                for j in range(nd):
-                    entering[b, k, n, d0 + j] = h[n, j]
+            if k > 0:
+                for n in range(d_state):
+                    for j in range(nd):
+                        entering[b, k - 1, n, d0 + j] = h[n, j]
             _load_chunk(b, g, d0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt, dtu, dsp, Bt, Ct)
             for s in range(steps):
                 for j in range(nd):
@@ -280,7 +283,7 @@ def _backward(
                     dyt[s, j] = grad_pre[b, d0 + j, t0 + s]
             for n in range(d_state):
                 for j in range(nd):
-                    H[0, n, j] = entering[b, k, n, d0 + j]
+                    H[0, n, j] = entering[b, k - 1, n, d0 + j] if k > 0 else zero
             _recompute(steps, nd, At, dtt, dtu, Bt, dyt, H, E, dCt)
             for s in range(steps - 1, -1, -1):
                 for j in range(nd):
@@ -360,7 +363,8 @@ class _NumbaScan(torch.autograd.Function):
         tasks = batch * groups * -(-(dim // groups) // block)
         y = torch.empty_like(u)
         last = u.new_empty(batch, dim, A.shape[1])
-        entering = u.new_empty(batch, -(-length // CHUNK), A.shape[1], dim)
+        # The state entering every chunk but the first, which starts from zero.
+        entering = u.new_empty(batch, max(0, -(-length // CHUNK) - 1), A.shape[1], dim)
         # Kept for the backward pass through the gate, as mamba_ssm keeps it: recomputing it cost more
         # than a fifth of the backward pass.
         pre_gate = u.new_empty(1, 1, 1) if z is None else torch.empty_like(u)
