@@ -64,6 +64,9 @@ def fake_runs(monkeypatch):
         return {"acc1": 80.0 + seed + bonus, "ema_acc1": 81.0 + 2 * seed, "output_dir": f"fine-{len(calls)}"}
 
     def knn_probe(scale, root, seed, pre, star):
+        if pre is None:  # the encoder at random initialisation: 50, 51, 52, ... by seed
+            calls.setdefault("random_init", []).append((seed, json.dumps(star)))
+            return {"acc1": 50.0 + seed, "output_dir": f"random-{seed}"}
         calls.setdefault("probe", []).append((seed, pre["output_dir"]))
         return {"acc1": 60.0 + 3 * seed + len(json.dumps(star))}  # rows differ by their options' length
 
@@ -86,9 +89,14 @@ def test_rows_sharing_a_pretraining_pretrain_once_per_seed(tmp_path, fake_runs):
     assert middle["knn_acc1"]["values"] == tail["knn_acc1"]["values"] == [knn, knn + 3, knn + 6]
     # paired per seed: tail - middle = 1 on every seed, so no spread
     assert tail["acc1_vs_first"] == {"differences": [1.0, 1.0, 1.0], "mean": 1.0, "std": 0.0, "seeds": 3}
+    # every row is also compared with the paper's encoder at random initialisation, probed once per seed
+    assert fake_runs["random_init"] == [(0, "{}"), (1, "{}"), (2, "{}")]
+    assert report["random_init_knn_acc1"]["values"] == [50.0, 51.0, 52.0]
+    assert tail["knn_acc1_vs_random_init"]["differences"] == [knn - 50, knn - 48, knn - 46]
+    assert "random initialisation (k-NN top-1 51.00 ± 1.00)" in markdown
     assert (
-        f"| STAR* (tail class token) | 81.89 | 82.61 | {knn + 3:.2f} ± 3.00 | +0.00 ± 0.00 | 82.00 ± 1.00 "
-        "| +1.00 ± 0.00 | 83.00 ± 2.00 |" in markdown
+        f"| STAR* (tail class token) | 81.89 | 82.61 | {knn + 3:.2f} ± 3.00 | +{knn - 48:.2f} ± 2.00 | +0.00 ± 0.00 "
+        "| 82.00 ± 1.00 | +1.00 ± 0.00 | 83.00 ± 2.00 |" in markdown
     )
     assert json.loads((tmp_path / "table5.json").read_text())["rows"][1]["label"] == "STAR* (tail class token)"
 
