@@ -6,9 +6,8 @@ unless ``--no_finetune``, finetuned; every top-1 is on the whole validation spli
 our mean +- std next to the paper's ImageNet numbers (MambaMLP-B, 200 epochs), and each row's
 paired per-seed difference from the first row and, for the k-NN probe, from the paper's encoder at
 random initialisation (probed with every seed: the level pretraining has to rise above). Runs are
-cached by a
-hash of their config, so a rerun skips what has finished and rows that share a pretraining (Table 5)
-pretrain once. ``--jobs`` runs several seeds/rows at once, one GPU each when there are GPUs.
+cached by a hash of their config, so a rerun skips what has finished and rows that share a
+pretraining (Table 5) pretrain once. ``--jobs`` runs several seeds/rows at once, one GPU each when there are GPUs.
 
 The classifier reads the mean of the patch tokens by default, as ARM's finetuning recipe does;
 ``--readout class_token`` reads the class token instead, and ``--readout both`` runs every row with
