@@ -133,7 +133,9 @@ def _run_group(
     """Pretrain and probe once, finetune every classifier variant (if ``with_finetune``); results in the order given."""
     from starmamba.ops import warm_up
 
-    warm_up()  # compiles the scan kernels once per process, so that no row's pretraining time pays for it
+    # The first call in a process compiles the scan kernels (later ones take a millisecond), so that no
+    # row's pretraining time pays for the compilation.
+    warm_up()
     pre = pretrain(scale, Path(root), seed, star)
     probe = knn_probe(scale, Path(root), seed, pre, star)
     return [

@@ -43,8 +43,8 @@ METRICS = {
 }
 COMPARISONS = (("STAR", "ARM"), ("STAR", "from scratch"), ("ARM", "from scratch"))
 # The demo reports the finetuned weights' own top-1; an EMA copy would double each finetuning's
-# evaluation (the whole test set, ~40% of the demo's time at its default budget) for a number it
-# does not report. The training is the same with or without it.
+# evaluation (the whole test set; the copy's half was about a quarter of the demo's time at its
+# default budget) for a number it does not report. The training is the same with or without it.
 WITHOUT_EMA = {"ema_decay": None}
 
 
