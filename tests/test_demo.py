@@ -27,7 +27,8 @@ def fake_runs(monkeypatch):
 
     def finetune(scale, root, seed, pre, overrides=None):
         low = "labels_per_class" in overrides
-        calls.append(("finetune", method_of(root), seed, low, overrides["ema_decay"]))
+        size = (overrides.get("limit_train", "budget"), overrides.get("epochs"))
+        calls.append(("finetune", method_of(root), seed, low, overrides["ema_decay"], size))
         jitter = {("STAR", 0): 0.0, ("STAR", 1): 2.0}.get((method_of(root), seed), 0.0)
         acc = base[method_of(root)] + (-10.0 if low else 5.0) + jitter
         return {"acc1": acc, "ema_acc1": acc + 0.5, "seconds": 3.0, "output_dir": f"{root}/fine-{seed}-{low}"}
@@ -74,6 +75,19 @@ def test_one_seed_says_the_noise_is_unmeasured(tmp_path, fake_runs):
     text = (tmp_path / "table.md").read_text()
     assert text.count("noise unmeasured") == 9  # 3 comparisons x 3 metrics
     assert "| from scratch | - | - | 70.00 | 60.00 | 75.00 |" in text
+
+
+def test_all_label_finetuning_can_pass_over_the_whole_training_set(tmp_path, fake_runs):
+    demo.run_demo(demo.DemoConfig(out=str(tmp_path), data_path="synthetic", progress=False))
+    default = [c for c in fake_runs if c[0] == "finetune"]
+    fake_runs.clear()
+    demo.run_demo(demo.DemoConfig(out=str(tmp_path), data_path="synthetic", finetune_epochs=2, progress=False))
+    passes = [c for c in fake_runs if c[0] == "finetune"]
+    assert {c[5] for c in default if not c[3]} == {("budget", None)}  # the budget's subset, the recipe's epochs
+    assert {c[5] for c in passes if not c[3]} == {(None, 2)}  # every training image, twice
+    assert [c for c in passes if c[3]] == [c for c in default if c[3]]  # the low-label runs do not change
+    assert json.loads((tmp_path / "table.json").read_text())["finetune_epochs"] == 2
+    assert "budget 0.5, all labels x 2, seeds [0]" in (tmp_path / "table.md").read_text()
 
 
 def test_demo_options_are_checked():

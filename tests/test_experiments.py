@@ -177,13 +177,14 @@ def test_one_readout_is_every_rows_readout_and_named_in_the_title(tmp_path, fake
 
 
 def test_low_label_finetuning_takes_as_many_steps_as_full_label():
-    from starmamba.experiments import EPOCHS, FINETUNE_IMAGES, low_label_options
+    from starmamba.experiments import EPOCHS, FINETUNE_IMAGES, FINETUNE_WARMUP_EPOCHS, low_label_options
 
     scale = Scale(budget=1.0)
     options = low_label_options(scale, num_classes=10, per_class=100)
     # 8192 images x 1 epoch at budget 1 = 8192 images seen; 1000 labelled images -> 8 epochs
     assert options == {
-        "labels_per_class": 100, "limit_train": None, "epochs": 8, "eval_every": 8, "warmup_epochs": 0.25 * 8.192
+        "labels_per_class": 100, "limit_train": None, "epochs": 8, "eval_every": 8,
+        "warmup_epochs": FINETUNE_WARMUP_EPOCHS * 8.192,
     }  # fmt: skip
     assert scale.images(FINETUNE_IMAGES) * EPOCHS == 8192
     config = dataclasses.replace(finetune_config(scale, Path("runs"), 0), **options)
@@ -197,3 +198,21 @@ def test_every_small_scale_number_is_on_the_whole_validation_split_by_default(tm
     # The pretraining loss (a curve, not a reported number) is followed on 1024 validation images.
     assert pretrain_config(Scale(), tmp_path, 0).limit_val == 1024
     assert pretrain_config(Scale(val_images=200), tmp_path, 0).limit_val == 200
+
+
+def _threads_and_power(base: int, exponent: int) -> tuple[int, int]:
+    import torch
+
+    return torch.get_num_threads(), base**exponent
+
+
+def test_run_tasks_keeps_the_order_and_splits_the_cores_between_processes():
+    import os
+
+    from starmamba.experiments import run_tasks
+
+    tasks = [(2, 3), (3, 2), (5, 1)]
+    assert [power for _, power in run_tasks(_threads_and_power, tasks)] == [8, 9, 5]
+    results = run_tasks(_threads_and_power, tasks, jobs=2)
+    assert [power for _, power in results] == [8, 9, 5]
+    assert {threads for threads, _ in results} == {max(1, (os.cpu_count() or 1) // 2)}

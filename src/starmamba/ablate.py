@@ -17,18 +17,15 @@ each (``starmamba ablate 5 --readout both``: where the class token sits, read or
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import statistics
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
-from starmamba.experiments import Scale, finetune, knn_probe, pretrain
+from starmamba.experiments import Scale, finetune, knn_probe, pretrain, run_tasks
 from starmamba.files import write_json, write_text
 from starmamba.train.config import DataPath
 
@@ -128,11 +125,12 @@ def with_readouts(rows: list[Row], readout: Readout) -> list[Row]:
 
 
 def _run_group(
-    scale: Scale, root: str, seed: int, star: dict, classifiers: list[dict], with_finetune: bool = True
+    header: str, scale: Scale, root: str, seed: int, star: dict, classifiers: list[dict], with_finetune: bool = True
 ) -> list[dict]:
     """Pretrain and probe once, finetune every classifier variant (if ``with_finetune``); results in the order given."""
     from starmamba.ops import warm_up
 
+    print(f"\n{header}", flush=True)
     # The first call in a process compiles the scan kernels (later ones take a millisecond), so that no
     # row's pretraining time pays for the compilation.
     warm_up()
@@ -142,17 +140,6 @@ def _run_group(
         {"pre": pre, "probe": probe, "fine": finetune(scale, Path(root), seed, pre, options) if with_finetune else None}
         for options in classifiers
     ]
-
-
-def _init_worker(slots) -> None:
-    slot = slots.get()
-    gpus = int(os.environ.get("STARMAMBA_ABLATE_GPUS", "0"))
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-    else:
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["STARMAMBA_ABLATE_JOBS"])))
 
 
 def run_ablation(cfg: AblateConfig) -> dict:
@@ -169,26 +156,11 @@ def run_ablation(cfg: AblateConfig) -> dict:
         groups.setdefault(json.dumps(row.star, sort_keys=True), []).append(i)
     tasks = [(seed, members) for seed in range(cfg.seeds) for members in groups.values()]
     args = [
-        (scale, str(root), seed, rows[m[0]].star, [rows[i].classifier for i in m], cfg.finetune) for seed, m in tasks
-    ]
-    if cfg.jobs > 1:
-        import torch
-
-        os.environ["STARMAMBA_ABLATE_GPUS"] = str(torch.cuda.device_count())
-        os.environ["STARMAMBA_ABLATE_JOBS"] = str(cfg.jobs)
-        context = multiprocessing.get_context("spawn")
-        slots = context.Manager().Queue()
-        for slot in range(cfg.jobs):
-            slots.put(slot)
-        with ProcessPoolExecutor(cfg.jobs, mp_context=context, initializer=_init_worker, initargs=(slots,)) as pool:
-            outcomes = list(pool.map(_run_group, *zip(*args, strict=True)))
-    else:
-        outcomes = []
-        for n, task in enumerate(args, start=1):
-            print(
-                f"\n[{n}/{len(args)}] {title}: seed {task[2]}, rows {', '.join(rows[i].label for i in tasks[n - 1][1])}"
-            )
-            outcomes.append(_run_group(*task))
+        (f"[{n}/{len(tasks)}] {title}: seed {seed}, rows {', '.join(rows[i].label for i in m)}", scale, str(root), seed,
+         rows[m[0]].star, [rows[i].classifier for i in m], cfg.finetune)
+        for n, (seed, m) in enumerate(tasks, start=1)
+    ]  # fmt: skip
+    outcomes = run_tasks(_run_group, args, cfg.jobs)
     per_row: list[list[dict]] = [[] for _ in rows]
     for (_, members), results in zip(tasks, outcomes, strict=True):
         for i, result in zip(members, results, strict=True):

@@ -23,10 +23,12 @@ from starmamba.experiments import (
     LOW_LABELS_PER_CLASS,
     PRETRAIN_IMAGES,
     Scale,
+    all_labels_options,
     finetune,
     knn_probe,
     low_label_options,
     pretrain,
+    run_tasks,
 )
 from starmamba.files import write_json
 from starmamba.train.config import DataPath
@@ -63,15 +65,24 @@ class DemoConfig:
     """seeds seed, seed + 1, ...: every method runs with each; 2 or more measure the noise of each comparison"""
     labels_per_class: int = LOW_LABELS_PER_CLASS
     """labels per class of the low-label finetuning"""
+    finetune_epochs: int | None = None
+    """the full-label finetuning's passes over the whole training set (None: over the budget's images, a
+    subset); the low-label finetuning keeps the budget's number of steps either way"""
     val_images: int | None = None
     """validation images every top-1 is measured on (None: the whole validation split)"""
     num_workers: int = 1
+    jobs: int = 1
+    """runs at once (processes sharing the CPU cores, or one GPU each); more than 1 for long runs of several
+    seeds: on 2 CPU cores 2 jobs do about 1.5x the work per hour, and every time is measured sharing the cores"""
     progress: bool = True
 
     def __post_init__(self) -> None:
         check_positive("budget", self.budget)
+        check_positive("jobs", self.jobs)
         check_positive("seeds", self.seeds)
         check_positive("labels_per_class", self.labels_per_class)
+        if self.finetune_epochs is not None:
+            check_positive("finetune_epochs", self.finetune_epochs)
         if self.val_images is not None:
             check_positive("val_images", self.val_images)
 
@@ -79,40 +90,51 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> list[dict]:
     """Every (method, seed) run; writes the report. Rows are in method order, then seed order."""
     from starmamba.data import build_dataset
-    from starmamba.ops import warm_up
 
     out = Path(cfg.out)
     runs = out / "runs"
     if runs.exists():
         shutil.rmtree(runs)  # a demo always starts afresh, so that its numbers are this run's
-    scale = Scale(cfg.budget, cfg.data_path, cfg.val_images, cfg.num_workers, cfg.progress)
-    pretrain_images = scale.images(PRETRAIN_IMAGES) * EPOCHS
+    scale = Scale(cfg.budget, cfg.data_path, cfg.val_images, cfg.num_workers, cfg.progress and cfg.jobs == 1)
     low_label = low_label_options(scale, build_dataset(cfg.data_path, "train").info.num_classes, cfg.labels_per_class)
-    warm_up()  # the scan kernels' first call compiles them: not part of the first method's pretraining time
+    all_labels = {} if cfg.finetune_epochs is None else all_labels_options(cfg.finetune_epochs)
     started = time.perf_counter()
-    rows = []
     # Seed by seed, so that every finished seed is a complete, paired comparison of the methods.
-    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        for i, (method, options) in enumerate(METHODS.items(), start=1):
-            steps = "pretrain, probe, finetune" if options is not None else "probe the random encoder, finetune"
-            print(f"\n[{i}/{len(METHODS)}] {method}, seed {seed}: {steps}")
-            folder = runs / method.replace(" ", "_")
-            pre = pretrain(scale, folder, seed, options) if options is not None else None
-            probe = knn_probe(scale, folder, seed, pre, options if options is not None else METHODS["STAR"])
-            low = finetune(scale, folder, seed, pre, overrides=low_label | WITHOUT_EMA)
-            fine = finetune(scale, folder, seed, pre, overrides=WITHOUT_EMA)
-            rows.append({
-                "method": method, "seed": seed, "knn_acc1": probe["acc1"], "low_label_acc1": low["acc1"],
-                "acc1": fine["acc1"],
-                "pretrain_seconds": pre["seconds"] if pre else None,
-                "pretrain_ms_per_image": 1000 * pre["seconds"] / pretrain_images if pre else None,
-                "finetune_seconds": fine["seconds"], "pretrain_dir": pre["output_dir"] if pre else None,
-                "finetune_dir": fine["output_dir"], "low_label_dir": low["output_dir"],
-            })  # fmt: skip
+    order = [(seed, method) for seed in range(cfg.seed, cfg.seed + cfg.seeds) for method in METHODS]
+    tasks = [
+        (f"[{n}/{len(order)}] {method}, seed {seed}", scale, str(runs), method, seed, low_label, all_labels)
+        for n, (seed, method) in enumerate(order, start=1)
+    ]
+    rows = run_tasks(_run_method, tasks, cfg.jobs)
     wall = time.perf_counter() - started
     rows.sort(key=lambda row: list(METHODS).index(row["method"]))  # stable: seed order within a method
     write_report(out, rows, cfg, wall)
     return rows
+
+
+def _run_method(
+    header: str, scale: Scale, runs: str, method: str, seed: int, low_label: dict, all_labels: dict
+) -> dict:
+    """One method with one seed: pretrain (unless "from scratch"), probe, finetune with few labels (``low_label``
+    overrides) and with all labels (``all_labels`` overrides)."""
+    from starmamba.ops import warm_up
+
+    warm_up()  # the scan kernels' first call compiles them: not part of the first method's pretraining time
+    options = METHODS[method]
+    steps = "pretrain, probe, finetune" if options is not None else "probe the random encoder, finetune"
+    print(f"\n{header}: {steps}", flush=True)
+    folder = Path(runs) / method.replace(" ", "_")
+    pre = pretrain(scale, folder, seed, options) if options is not None else None
+    probe = knn_probe(scale, folder, seed, pre, options if options is not None else METHODS["STAR"])
+    low = finetune(scale, folder, seed, pre, overrides=low_label | WITHOUT_EMA)
+    fine = finetune(scale, folder, seed, pre, overrides=all_labels | WITHOUT_EMA)
+    return {
+        "method": method, "seed": seed, "knn_acc1": probe["acc1"], "low_label_acc1": low["acc1"], "acc1": fine["acc1"],
+        "pretrain_seconds": pre["seconds"] if pre else None,
+        "pretrain_ms_per_image": 1000 * pre["seconds"] / (scale.images(PRETRAIN_IMAGES) * EPOCHS) if pre else None,
+        "finetune_seconds": fine["seconds"], "pretrain_dir": pre["output_dir"] if pre else None,
+        "finetune_dir": fine["output_dir"], "low_label_dir": low["output_dir"],
+    }  # fmt: skip
 
 
 def summarise(rows: list[dict]) -> dict[str, dict]:
@@ -176,15 +198,17 @@ def write_report(out: Path, rows: list[dict], cfg: DemoConfig, wall: float) -> N
     verdicts = "\n".join(f"- {c['verdict']}" for c in compared)
     seeds = list(range(cfg.seed, cfg.seed + cfg.seeds))
     val = "the whole validation split" if cfg.val_images is None else f"{cfg.val_images} validation images"
+    budget = f"budget {cfg.budget}" + ("" if cfg.finetune_epochs is None else f", all labels x {cfg.finetune_epochs}")
     header = (
-        f"# starmamba demo\n\nData: {cfg.data_path}, budget {cfg.budget}, seeds {seeds}; every top-1 on {val}"
+        f"# starmamba demo\n\nData: {cfg.data_path}, {budget}, seeds {seeds}; every top-1 on {val}"
         f" (mean ± std over seeds). Wall time {wall / 60:.1f} min.\n\n"
     )
     comparison_text = "## Comparisons (paired per seed)\n\n" + verdicts
     (out / "table.md").write_text(header + table + "\n\n" + comparison_text + "\n")
     write_json(out / "table.json", {
         "rows": rows, "summary": summary, "comparisons": compared, "budget": cfg.budget, "seeds": seeds,
-        "labels_per_class": cfg.labels_per_class, "val_images": cfg.val_images, "wall_seconds": wall,
+        "finetune_epochs": cfg.finetune_epochs, "labels_per_class": cfg.labels_per_class, "val_images": cfg.val_images,
+        "wall_seconds": wall,
     })  # fmt: skip
     demo_figures([row for row in rows if row["seed"] == cfg.seed], out)
     print("\n" + table + "\n\n" + verdicts)
