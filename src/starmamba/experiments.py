@@ -78,10 +78,10 @@ def finetune_config(scale: Scale, out: Path, seed: int, pretrained: str = "", **
     drop path and with crops >= 80% 79.1%, with blr 1.6e-2 80.2%, without crops and smoothing 81.2%.
     Short runs are then short of optimizer steps, and a high rate does not make up for them: from
     scratch on all 60,000 images once (top-1 on 5,000 test images), batch 32 reached 82.1% at lr 4e-3
-    and 85.4% at 2e-3, batch 16 86.1% at 2e-3 (13% more time than batch 32) and 85.6% at 1e-3; at lr
-    8e-3 runs of 16k images lost 15-25 points against 4e-3. Hence batch 16 at lr 2e-3 (blr 3.2e-2), a warmup of 5% of
-    an epoch (16k images: 77.4% against 76.1% with 25%), and an EMA decay of 0.98, a horizon of about
-    50 steps, a fraction of the 512 steps of a run at budget 1. Layer decay (0.75)
+    and 85.4% at 2e-3, batch 16 86.1% at 2e-3 (13% more time than batch 32) and 85.6% at 1e-3; on
+    16k images, lr 8e-3 lost 13-22 points against 4e-3. Hence batch 16 at lr 2e-3 (blr 3.2e-2), a
+    warmup of 5% of an epoch (16k images: 77.4% against 76.1% with 25%), and an EMA decay of 0.98, a
+    horizon of about 50 steps, a fraction of the 512 steps of a run at budget 1. Layer decay (0.75)
     is for pretrained weights; a from-scratch run uses none, as in MAE's supervised recipe, because
     it would only slow the lower layers of an untrained encoder (it cost 7 points here).
     """
