@@ -87,7 +87,7 @@ def test_all_label_finetuning_can_pass_over_the_whole_training_set(tmp_path, fak
     assert {c[5] for c in passes if not c[3]} == {(None, 2)}  # every training image, twice
     assert [c for c in passes if c[3]] == [c for c in default if c[3]]  # the low-label runs do not change
     assert json.loads((tmp_path / "table.json").read_text())["finetune_epochs"] == 2
-    assert "budget 0.5, all labels x 2, seeds [0]" in (tmp_path / "table.md").read_text()
+    assert "budget 0.4, all labels x 2, seeds [0]" in (tmp_path / "table.md").read_text()
 
 
 def test_demo_options_are_checked():
