@@ -57,7 +57,7 @@ class DemoConfig:
     out: str = "reports/demo"
     """report folder (its runs/ subfolder keeps every run)"""
     budget: float = 0.4
-    """scales the training images of every run (0.4: about 7.5 minutes on 2 CPU cores)"""
+    """scales the training images of every run (0.4: about 8 minutes on 2 CPU cores)"""
     data_path: DataPath = "fashion_mnist"
     seed: int = 0
     """the first seed"""
