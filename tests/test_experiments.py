@@ -112,7 +112,7 @@ def test_ablations_finetune_with_the_middle_class_token_except_star_star():
     positions = {(table, row.label): row.classifier["cls_token"] for table, (_, rows) in ablate.TABLES.items()
                  for row in rows}  # fmt: skip
     assert {key for key, where in positions.items() if where != "middle"} == {(5, "STAR* (tail class token)")}
-    assert len(positions) == 20
+    assert len(positions) == 22
 
 
 def test_every_row_runs_the_configuration_it_names(tmp_path):
@@ -131,6 +131,7 @@ def test_every_row_runs_the_configuration_it_names(tmp_path):
         (2, "separator_value", set(get_args(SeparatorValue))),
         (3, "separator_position", set(get_args(SeparatorPosition))),
         (4, "images_per_sequence", {1, 2, 4, 8, 16}),  # the paper's Table 4
+        ("decoder_context", "decoder_context", {"image", "sequence"}),
     ],
 )
 def test_each_table_runs_every_choice_of_its_option(tmp_path, table, option, choices):
@@ -138,6 +139,14 @@ def test_each_table_runs_every_choice_of_its_option(tmp_path, table, option, cho
     star_rows = [row for row in rows if row.star is not ablate.ARM]
     assert {getattr(pretrain_config(Scale(), tmp_path, 0, **row.star).arch, option) for row in star_rows} == choices
     assert {row.classifier["cls_token"] for row in ablate.TABLES[5][1]} == set(get_args(ClassToken)) - {"none"}
+
+
+def test_decoder_context_table_is_written_under_its_name(tmp_path, fake_runs):
+    ablate.run_ablation(ablate.AblateConfig(table="decoder_context", seeds=2, out=str(tmp_path), progress=False))
+    lines = (tmp_path / "decoder_context.md").read_text().splitlines()
+    assert lines[4].startswith("| image | - | - |") and lines[5].startswith("| sequence | - | - |")
+    rows = json.loads((tmp_path / "decoder_context.json").read_text())["rows"]
+    assert [row["star"]["decoder_context"] for row in rows] == ["image", "sequence"]
 
 
 def test_no_finetune_reports_the_probe_alone(tmp_path, fake_runs):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from starmamba.sequence import SequenceLayout
+from starmamba.sequence import TARGET_GROUPS, SequenceLayout
 
 
 def unit_names(layout, image=0):
@@ -92,6 +92,83 @@ def test_mask_with_token_separators_has_unequal_blocks():
     assert mask[-1].sum().item() == 17  # the trailing separator sees everything
 
 
+# The units each prediction may see under decoder_context="image", as (first, last) unit indices of
+# the stream, worked out by hand for 2 images of 2 x 2 clusters. A prediction belongs to its target's
+# image (a cluster) or its source's image (a separator); an image's context opens at the earliest
+# source among its predictions.
+IMAGE_CONTEXT = {
+    # S C0 C1 C2 C3 | S C0 C1 C2 C3 | trailing S: image 1 opens at its own separator (unit 5).
+    ("cluster", "SC"): [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (5, 5), (5, 6), (5, 7), (5, 8), (5, 9)],
+    ("token", "SC"): [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (5, 5), (5, 6), (5, 7), (5, 8), (5, 9)],
+    # C0 C1 C2 C3 S | C0 C1 C2 C3 (S not fed): image 1's first cluster is predicted from image 0's
+    # separator (unit 4), which opens image 1's context; image 0's separator target belongs to image 0.
+    ("cluster", "CS"): [(0, 0), (0, 1), (0, 2), (0, 3), (4, 4), (4, 5), (4, 6), (4, 7), (4, 8)],
+    # S C0 C1 S C2 C3 | S C0 C1 S C2 C3 | trailing S: separators inside an image belong to it.
+    ("cluster", "SCS"): [(0, k) for k in range(6)] + [(6, k) for k in range(6, 12)],
+    # C0 C1 S C2 C3 S | C0 C1 S C2 C3 (S not fed): image 1 opens at image 0's last separator (unit 5).
+    ("cluster", "CSC"): [(0, k) for k in range(5)] + [(5, k) for k in range(5, 11)],
+    # C0 C1 C2 C3 | C0 C1 C2 C3 (C3 not fed): image 1's first cluster only has image 0's last one.
+    ("none", "SC"): [(0, 0), (0, 1), (0, 2), (3, 3), (3, 4), (3, 5), (3, 6)],
+}
+
+
+@pytest.mark.parametrize(("separator", "position"), list(IMAGE_CONTEXT))
+def test_image_decoder_context_masks_match_hand_built_units(separator, position):
+    layout = SequenceLayout(
+        grid=4, cluster=2, images_per_sequence=2, separator=separator, separator_position=position,
+        decoder_context="image",
+    )  # fmt: skip
+    sizes = [u.num_tokens for u in layout.encoder_units]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    rows = []
+    for prediction, (first, last) in zip(layout.predictions, IMAGE_CONTEXT[separator, position], strict=True):
+        row = torch.zeros(layout.num_tokens, dtype=torch.bool)
+        row[offsets[first] : offsets[last + 1]] = True
+        rows += [row] * layout.target_unit(prediction).num_tokens
+    assert torch.equal(layout.decoder_mask, torch.stack(rows))
+
+
+@pytest.mark.parametrize(("separator", "position"), list(IMAGE_CONTEXT))
+def test_sequence_decoder_context_sees_every_earlier_unit(separator, position):
+    layout = SequenceLayout(grid=4, cluster=2, images_per_sequence=2, separator=separator, separator_position=position)
+    image = SequenceLayout(
+        grid=4, cluster=2, images_per_sequence=2, separator=separator, separator_position=position,
+        decoder_context="image",
+    )  # fmt: skip
+    assert layout.decoder_context == "sequence"
+    visible = layout.decoder_mask.sum(1)
+    # Sequence context: every query of the prediction from unit i sees units 0..i (a prefix).
+    assert torch.equal(layout.decoder_mask, torch.arange(layout.num_tokens)[None, :] < visible[:, None])
+    # Image context sees a subset of that, strictly smaller for some query of the second image.
+    assert torch.equal(image.decoder_mask & layout.decoder_mask, image.decoder_mask)
+    assert (image.decoder_mask.sum(1) < visible).any()
+
+
+@pytest.mark.parametrize("separator", ["none", "token", "cluster"])
+def test_one_image_per_sequence_has_one_context(separator):
+    layouts = [
+        SequenceLayout(grid=12, cluster=4, images_per_sequence=1, separator=separator, decoder_context=context)
+        for context in ("sequence", "image")
+    ]
+    assert torch.equal(layouts[0].decoder_mask, layouts[1].decoder_mask)
+
+
+def test_target_groups_by_hand():
+    # SC, 2 images of 2 x 2 clusters: C0 of each image is a first cluster; the separators of image 1
+    # and of the trailing block are separator targets; 4 tokens a unit.
+    layout = SequenceLayout(grid=4, cluster=2, images_per_sequence=2, separator_position="SC")
+    per_unit = ["first_cluster", "cluster", "cluster", "cluster", "separator"] * 2
+    assert [TARGET_GROUPS[g] for g in layout.query_group[::4].tolist()] == per_unit
+    # ARM: clusters 2..9 only, never a first cluster or a separator.
+    arm = SequenceLayout(grid=12, cluster=4, images_per_sequence=1, separator="none")
+    assert set(arm.query_group.tolist()) == {TARGET_GROUPS.index("cluster")}
+    # No separator, 2 images: image 1's first cluster is a target (from image 0's last cluster).
+    none = SequenceLayout(grid=4, cluster=2, images_per_sequence=2, separator="none")
+    assert [TARGET_GROUPS[g] for g in none.query_group[::4].tolist()] == ["cluster"] * 3 + ["first_cluster"] + [
+        "cluster"
+    ] * 3
+
+
 def test_bank_indices_point_at_the_right_patches():
     layout = SequenceLayout(grid=4, cluster=2, images_per_sequence=2, separator_position="SC")
     # Bank: 2 images x 16 patches, then 4 separator tokens at 32..35.
@@ -123,6 +200,7 @@ def test_identity_pattern():
         ({"separator_value": "twos"}, "separator_value='twos'"),
         ({"separator_position": "SS"}, "separator_position='SS'"),
         ({"cluster": 0}, "cluster=(0, 0)"),
+        ({"decoder_context": "images"}, "decoder_context='images' is not one of 'sequence', 'image'"),
     ],
 )
 def test_invalid_layouts_name_the_option(kwargs, message):

@@ -7,7 +7,7 @@ import torch
 
 from starmamba.models import create_model
 from starmamba.models.star import normalize_patches, patchify, unpatchify
-from starmamba.sequence import SeparatorPosition, SeparatorType, SeparatorValue
+from starmamba.sequence import TARGET_GROUPS, SeparatorPosition, SeparatorType, SeparatorValue
 from starmamba.train.optim import layer_ids
 
 
@@ -68,9 +68,10 @@ def unit_of_queries(layout):
     ],
     ids=lambda o: "-".join(o.values()),
 )
-def test_no_information_leaks_from_a_cluster_to_earlier_targets(overrides):
+@pytest.mark.parametrize("context", ["image", "sequence"])
+def test_no_information_leaks_from_a_cluster_to_earlier_targets(overrides, context):
     torch.manual_seed(0)
-    model = tiny_star(images_per_sequence=3, **overrides).eval()
+    model = tiny_star(images_per_sequence=3, decoder_context=context, **overrides).eval()
     layout = model.layout
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
@@ -242,3 +243,36 @@ def test_star_base_forward_and_backward_on_cpu():
                                               ("separator_position", SeparatorPosition)])  # fmt: skip
 def test_the_ablation_tests_cover_every_choice_the_library_offers(option, choices):
     assert {o[option] for o in ABLATIONS if option in o} == set(get_args(choices))
+
+
+def test_group_losses_and_floors_match_a_hand_computation():
+    """Each target group's loss and floor are means over that group's queries of the squared error
+    and of the squared target; the groups' losses weighted by their query counts give the loss."""
+    torch.manual_seed(0)
+    model = tiny_star().eval()
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        out = model(images)
+    groups = model.layout.query_group
+    error = (out.pred - out.target).pow(2).mean(-1)
+    total = 0.0
+    for index, name in enumerate(TARGET_GROUPS):
+        members = groups == index
+        if not members.any():
+            assert f"loss_{name}" not in out.groups
+            continue
+        torch.testing.assert_close(out.groups[f"loss_{name}"], error[:, members].mean())
+        torch.testing.assert_close(out.groups[f"floor_{name}"], out.target[:, members].pow(2).mean())
+        total += out.groups[f"loss_{name}"] * members.sum() / len(groups)
+    torch.testing.assert_close(total, out.loss)
+    assert set(model.target_groups) == {"separator", "first_cluster", "cluster"}
+
+
+def test_decoder_context_is_a_model_option():
+    image = create_model("star_tiny", img_size=64, images_per_sequence=2)
+    sequence = create_model("star_tiny", img_size=64, images_per_sequence=2, decoder_context="sequence")
+    assert image.cfg.decoder_context == "image"
+    assert torch.equal(image.decoder_mask, image.layout.decoder_mask)
+    assert (image.decoder_mask.sum() < sequence.decoder_mask.sum()).item()
+    with pytest.raises(ValueError, match="decoder_context='all'"):
+        create_model("star_tiny", decoder_context="all")

@@ -10,6 +10,16 @@ nothing otherwise, in which case it is not fed to the encoder at all (as ARM dro
 
 ARM, the baseline, is ``images_per_sequence=1, separator="none"``: 8 clusters in, clusters 2..9 out.
 
+The decoder's context (``decoder_context``) is what a prediction's queries may attend to, always
+units up to the prediction's source (causal between units, bidirectional within one):
+``"sequence"`` lets them see every earlier unit of the stream, across images; ``"image"`` only the
+units of the image the prediction belongs to (the encoder still scans the whole stream, so earlier
+images reach it through the scan state). A prediction belongs to the image of its target when the
+target is a cluster, and to the image of its source when the target is a separator (a separator
+closes the image before it). An image's context opens at the earliest source among its
+predictions: its own first unit, or, where its first cluster is predicted from the unit before its
+block (separator after the clusters, CS / CSC, or no separator), that unit.
+
 Tensor indices refer to a "bank": the ``N * P`` patch tokens of the sequence's images (image-major,
 patches row-major) followed by the ``T`` tokens of one separator unit.
 """
@@ -31,6 +41,9 @@ SeparatorType = Literal["none", "token", "cluster"]
 SeparatorValue = Literal["zeros", "ones", "embedding", "identity"]
 SeparatorPosition = Literal["SC", "CS", "SCS", "CSC"]
 UnitKind = Literal["separator", "cluster"]
+DecoderContext = Literal["sequence", "image"]
+TargetGroup = Literal["separator", "first_cluster", "cluster"]
+TARGET_GROUPS: tuple[TargetGroup, ...] = ("separator", "first_cluster", "cluster")
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,7 @@ class SequenceLayout:
     separator: SeparatorType = "cluster"
     separator_value: SeparatorValue = "identity"
     separator_position: SeparatorPosition = "SC"
+    decoder_context: DecoderContext = "sequence"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", _pair(self.grid))
@@ -72,6 +86,7 @@ class SequenceLayout:
         check_choice("separator", self.separator, SeparatorType)
         check_choice("separator_value", self.separator_value, SeparatorValue)
         check_choice("separator_position", self.separator_position, SeparatorPosition)
+        check_choice("decoder_context", self.decoder_context, DecoderContext)
         if min(self.grid) < 1:
             raise ValueError(f"grid={self.grid} must have at least one patch per side")
         if min(self.cluster) < 1:
@@ -218,18 +233,50 @@ class SequenceLayout:
         """(num_queries,) image of every query's target (images_per_sequence for the trailing separator)."""
         return _per_token(self._targets, lambda u: [u.image] * u.num_tokens)
 
+    def owner_image(self, prediction: Prediction) -> int:
+        """The image a prediction belongs to: its target's for a cluster, its source's for a separator."""
+        target = self.target_unit(prediction)
+        return target.image if target.kind == "cluster" else self.units[prediction.source].image
+
+    @cached_property
+    def context_start(self) -> tuple[int, ...]:
+        """Per prediction, the first unit its queries may see (0 for ``decoder_context="sequence"``)."""
+        if self.decoder_context == "sequence":
+            return (0,) * len(self.predictions)
+        owners = [self.owner_image(p) for p in self.predictions]
+        opens: dict[int, int] = {}
+        for owner, prediction in zip(owners, self.predictions, strict=True):
+            opens.setdefault(owner, prediction.source)  # predictions come in stream order
+        return tuple(opens[owner] for owner in owners)
+
     @cached_property
     def decoder_mask(self) -> Tensor:
         """(num_queries, num_tokens) bool, True where a query may attend.
 
-        A query predicting from unit ``source`` sees the encoder tokens of units 0..source: causal
-        between units, every token of a unit visible to every query of the prediction.
+        A query predicting from unit ``source`` sees the encoder tokens of units ``start..source``,
+        ``start`` set by ``decoder_context``: causal between units, every token of a unit visible to
+        every query of the prediction.
         """
         starts = list(itertools.accumulate((u.num_tokens for u in self.encoder_units), initial=0))
-        visible_until = torch.tensor(
-            [starts[p.source + 1] for p in self.predictions for _ in range(self.target_unit(p).num_tokens)]
-        )
-        return torch.arange(self.num_tokens)[None, :] < visible_until[:, None]
+        bounds = [
+            (starts[first], starts[p.source + 1])
+            for p, first in zip(self.predictions, self.context_start, strict=True)
+            for _ in range(self.target_unit(p).num_tokens)
+        ]
+        low, high = torch.tensor(bounds).unbind(1)
+        keys = torch.arange(self.num_tokens)[None, :]
+        return (keys >= low[:, None]) & (keys < high[:, None])
+
+    @cached_property
+    def query_group(self) -> Tensor:
+        """(num_queries,) index into ``TARGET_GROUPS`` of every query's target: a separator, the first
+        cluster of an image (cluster 0: every position keeps the clusters in order), or another cluster."""
+
+        def group(unit: Unit) -> list[int]:
+            name = "separator" if unit.kind == "separator" else "first_cluster" if unit.cluster == 0 else "cluster"
+            return [TARGET_GROUPS.index(name)] * unit.num_tokens
+
+        return _per_token(self._targets, group)
 
     @cached_property
     def separator_pattern(self) -> Tensor:

@@ -12,14 +12,26 @@ from starmamba.config import check_positive
 from starmamba.models.backbone import AroundEncoder, BackboneConfig, MambaMLP
 from starmamba.models.decoder import Decoder
 from starmamba.models.pos_embed import sincos_2d
-from starmamba.sequence import SeparatorPosition, SeparatorType, SeparatorValue, SequenceLayout
+from starmamba.sequence import (
+    TARGET_GROUPS,
+    DecoderContext,
+    SeparatorPosition,
+    SeparatorType,
+    SeparatorValue,
+    SequenceLayout,
+)
 
 
 @dataclass
 class StarConfig(BackboneConfig):
     """STAR pretraining. Defaults are the paper's: 192 px, 4x4-patch clusters, identity separator
     clusters before each image (SC), 8 images per sequence, one causal scan, a 4-layer 512-wide
-    decoder fed by the encoder's blocks 6, 8, 10, 12 (of 12), norm-pixel targets."""
+    decoder fed by the encoder's blocks 6, 8, 10, 12 (of 12), norm-pixel targets.
+
+    ``decoder_context`` is the paper-silent choice of what a decoder query may attend to (see
+    :mod:`starmamba.sequence`): ``"image"``, the units of its own image up to its source, is the
+    default, since under ``"sequence"`` every query attends to all earlier images alike and cannot
+    find its own (docs/ablations/decoder_context.md measures both)."""
 
     img_size: int = 192
     learnable_pos_embed: bool = False
@@ -28,6 +40,7 @@ class StarConfig(BackboneConfig):
     separator: SeparatorType = "cluster"
     separator_value: SeparatorValue = "identity"
     separator_position: SeparatorPosition = "SC"
+    decoder_context: DecoderContext = "image"
     decoder_dim: int = 512
     decoder_depth: int = 4
     decoder_head_dim: int = 64
@@ -64,6 +77,7 @@ class StarConfig(BackboneConfig):
             self.separator,
             self.separator_value,
             self.separator_position,
+            self.decoder_context,
         )
 
     @property
@@ -77,12 +91,15 @@ class StarConfig(BackboneConfig):
 
 @dataclass
 class StarOutput:
-    """What one forward pass gives: the loss, and predictions and targets (B, Q, patch*patch*C)
-    in the layout's query order, for drawing reconstructions."""
+    """What one forward pass gives: the loss, predictions and targets (B, Q, patch*patch*C) in the
+    layout's query order (for drawing reconstructions), and per target group present in the layout
+    ``loss_<group>`` and ``floor_<group>``, 0-dim: the group's loss and the loss of predicting 0
+    (the patch mean under norm_pix), the level a model that learns nothing stays at."""
 
     loss: Tensor
     pred: Tensor
     target: Tensor
+    groups: dict[str, Tensor]
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:
@@ -146,6 +163,10 @@ class StarPretrainer(AroundEncoder):
         query_pos = torch.where(layout.query_patch < 0, patches, layout.query_patch)
         self.register_buffer("query_pos_index", query_pos, persistent=False)
         self.register_buffer("decoder_mask", layout.decoder_mask, persistent=False)
+        present = sorted(set(layout.query_group.tolist()))
+        self.target_groups = tuple(TARGET_GROUPS[g] for g in present)
+        members = (layout.query_group[:, None] == torch.tensor(present)[None, :]).float()
+        self.register_buffer("group_weights", members / members.sum(0), persistent=False)
 
     @cached_property
     def layout(self) -> SequenceLayout:
@@ -208,8 +229,13 @@ class StarPretrainer(AroundEncoder):
         images = self._sequences(images)
         pred = self.decode(self.encode(images))
         target = self.targets(images)
-        loss = (pred.float() - target.float()).pow(2).mean()
-        return StarOutput(loss, pred, target)
+        error = (pred.float() - target.float()).pow(2).mean(-1)
+        floor = target.float().pow(2).mean(-1)
+        by_group = torch.stack([error.mean(0), floor.mean(0)]) @ self.group_weights.to(error.dtype)
+        groups = {}
+        for i, name in enumerate(self.target_groups):
+            groups[f"loss_{name}"], groups[f"floor_{name}"] = by_group[0, i].detach(), by_group[1, i]
+        return StarOutput(error.mean(), pred, target, groups)
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor, output: StarOutput) -> Tensor:

@@ -50,8 +50,9 @@ class Task(Protocol):
 
     def loss(
         self, model: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
-        """The loss of a batch and extra values to log; ``generator`` seeds the batch's own draws."""
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of a batch and 0-dim values to log (averaged like the loss); ``generator`` seeds the
+        batch's own draws."""
         ...
 
     def evaluate(self, state: TrainState, epoch: int) -> dict[str, float]:
@@ -198,23 +199,31 @@ class TrainLoader:
 
 
 class LossWindow:
-    """The training loss and speed since the last logged step, summed over processes."""
+    """The training loss, the task's logged values and speed since the last logged step, over processes."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.loss, self.images, self.batches, self.start = 0.0, 0, 0, time.perf_counter()
+        self.logs: dict[str, Tensor] = {}
 
-    def add(self, loss: float, images: int) -> None:
+    def add(self, loss: float, images: int, logs: dict[str, Tensor]) -> None:
         self.loss, self.images, self.batches = self.loss + loss, self.images + images, self.batches + 1
+        for key, value in logs.items():
+            value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+            self.logs[key] = self.logs[key] + value if key in self.logs else value
 
     def read(self) -> dict[str, float]:
-        """{'loss': mean over the window's micro-batches, 'images_per_s'}; starts a new window."""
-        totals = all_reduce_sum(torch.tensor([self.loss, self.images, self.batches], dtype=torch.float64))
+        """{'loss', every logged value: means over the window's micro-batches, 'images_per_s'}; starts a new window."""
+        keys = sorted(self.logs)
+        sums = [self.loss, self.images, self.batches, *(self.logs[k] for k in keys)]
+        totals = all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in sums]))
         elapsed = time.perf_counter() - self.start
         self.reset()
-        return {"loss": totals[0].item() / totals[2].item(), "images_per_s": totals[1].item() / elapsed}
+        batches = totals[2].item()
+        means = {key: totals[3 + i].item() / batches for i, key in enumerate(keys)}
+        return {"loss": totals[0].item() / batches, **means, "images_per_s": totals[1].item() / elapsed}
 
 
 def train_one_epoch(
@@ -245,7 +254,7 @@ def train_one_epoch(
                     "Lower the lr, or clip gradients (--clip_grad)."
                 )
             (loss / run.accum_iter).backward()
-        window.add(loss_value, images.shape[0])
+        window.add(loss_value, images.shape[0], logs)
         if not update:
             continue
         grad_norm = state.step()
@@ -253,5 +262,5 @@ def train_one_epoch(
         # The run's first step is logged too: a short run shows its start before log_every steps.
         if position.step % run.log_every == 0 or position.step == loader.steps_per_epoch or position.global_step == 1:
             values = {"epoch": position.epoch + position.step / loader.steps_per_epoch, **window.read(), "lr": lr}
-            values |= logs | ({"grad_norm": grad_norm} if grad_norm is not None else {})
+            values |= {"grad_norm": grad_norm} if grad_norm is not None else {}
         after_step(values)

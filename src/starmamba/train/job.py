@@ -149,7 +149,8 @@ def train(state: TrainState, loader: TrainLoader, task: Task, output: RunOutput,
             if run.progress and not loader.show and state.processes.is_main:
                 print(
                     f"epoch {position.epoch + 1}/{run.epochs}, step {position.step}/{loader.steps_per_epoch}: "
-                    f"loss {values['loss']:.4f}, lr {values['lr']:.2e}, {values['images_per_s']:.1f} images/s",
+                    f"loss {values['loss']:.4f}, lr {values['lr']:.2e}, {values['images_per_s']:.1f} images/s"
+                    + group_losses(values),
                     flush=True,
                 )
         if run.ckpt_every and position.global_step % run.ckpt_every == 0 and position.step < loader.steps_per_epoch:
@@ -164,6 +165,16 @@ def train(state: TrainState, loader: TrainLoader, task: Task, output: RunOutput,
             metrics.log(position.global_step, epoch=float(epoch + 1), **results)
         output.save(state)
         output.plot()
+
+
+def group_losses(values: dict[str, float]) -> str:
+    """``; loss/floor by target group: separator 0.001/0.000, ...`` for the groups ``values`` holds, else ''.
+
+    The floor is the loss of predicting the patch mean: a group whose loss stays near it learns nothing.
+    """
+    groups = [key.removeprefix("loss_") for key in values if key.startswith("loss_")]
+    pairs = [f"{g} {values[f'loss_{g}']:.3f}/{values[f'floor_{g}']:.3f}" for g in groups if f"floor_{g}" in values]
+    return f"; loss/floor by target group: {', '.join(pairs)}" if pairs else ""
 
 
 def describe_batch(state: TrainState, images: int, loader: TrainLoader) -> str:

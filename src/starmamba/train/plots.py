@@ -13,6 +13,7 @@ DPI = 100
 MARKED_POINTS = 50  # a series of at most this many points is drawn with markers
 MARKED_TICKS = 8  # an axis of at most this many distinct x values has a tick at each
 EVAL_SERIES = {"acc1": "top-1", "ema_acc1": "EMA top-1"}
+TARGET_GROUPS = {"separator": "separators", "first_cluster": "first clusters", "cluster": "other clusters"}
 
 
 def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
@@ -28,8 +29,10 @@ def plot_curves(records: list[dict], path: Path, title: str = "") -> None:
 def curves_figure(records: list[dict], title: str = ""):
     """The curves ``records`` hold, side by side, as a matplotlib Figure (None when there are none).
 
-    Panels, each where its keys appear: train ``loss`` and ``lr`` against ``step``, validation top-1
-    (``acc1``, ``ema_acc1``) and ``val_loss`` against ``epoch``. Each panel is 450 x 350 pixels.
+    Panels, each where its keys appear: train ``loss`` and ``lr`` against ``step``, the training loss
+    of each target group (``loss_<group>``, solid) over its floor (``floor_<group>``, dashed: the loss
+    of predicting the patch mean) against ``step``, validation top-1 (``acc1``, ``ema_acc1``) and
+    ``val_loss`` against ``epoch``. Each panel is 450 x 350 pixels.
     Series of few points get markers (a short run's handful of points reads as points, not a
     stray segment), and step and epoch axes have whole-number ticks.
     """
@@ -46,6 +49,12 @@ def curves_figure(records: list[dict], title: str = ""):
     for key, name in (("loss", "train loss"), ("lr", "learning rate")):
         if key in present:
             panels.append((name, "step", [(key, series("step", key))]))
+    groups = [(group, label) for group, label in TARGET_GROUPS.items() if f"loss_{group}" in present]
+    if groups:
+        lines = []
+        for group, label in groups:
+            lines += [(label, series("step", f"loss_{group}")), (f"{label}: floor", series("step", f"floor_{group}"))]
+        panels.append(("loss by target group (dashed: floor)", "step", lines))
     top1 = [(label, series("epoch", key)) for key, label in EVAL_SERIES.items() if key in present]
     if top1:
         panels.append(("validation top-1 (%)", "epoch", top1))
@@ -61,7 +70,10 @@ def curves_figure(records: list[dict], title: str = ""):
     for axes, (name, x_label, lines) in zip(row, panels, strict=True):
         for label, (xs, ys) in lines:
             marked = x_label == "epoch" or len(xs) <= MARKED_POINTS
-            axes.plot(xs, ys, label=label, marker="o" if marked else None, markersize=4)
+            floor = label.endswith(": floor")  # drawn dashed in the colour of the loss before it
+            style = {"linestyle": "--", "color": axes.lines[-1].get_color()} if floor and axes.lines else {}
+            axes.plot(xs, ys, label=None if floor else label, marker="o" if marked and not floor else None,
+                      markersize=4, **style)  # fmt: skip
         axes.set(title=name, xlabel=x_label)
         shown = sorted({x for _, (xs, _) in lines for x in xs})
         if len(shown) <= MARKED_TICKS:  # a few points: a tick at each (one point would get fractions)
@@ -69,7 +81,7 @@ def curves_figure(records: list[dict], title: str = ""):
         else:
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
-        if len(lines) > 1:
+        if len([label for label, _ in lines if not label.endswith(": floor")]) > 1:
             axes.legend()
     if title:
         figure.suptitle(title)

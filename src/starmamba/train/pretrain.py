@@ -69,19 +69,24 @@ class PretrainTask:
         )
 
     def loss(self, model: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator):
-        return model(images).loss, {}
+        output = model(images)
+        return output.loss, output.groups
 
     def evaluate(self, state: TrainState, epoch: int) -> dict[str, float]:
-        """The loss over every validation image asked for, and (every ``recon_every`` epochs) reconstructions."""
+        """The loss and each target group's loss and floor (``val_loss``, ``val_loss_<group>``,
+        ``val_floor_<group>``) over every validation image asked for, and (every ``recon_every``
+        epochs) reconstructions."""
         model: StarPretrainer = state.module
         model.eval()
         device = self.processes.device
-        totals = torch.zeros(2, dtype=torch.float64)
+        keys = [f"{kind}_{group}" for group in model.target_groups for kind in ("loss", "floor")]
+        totals = torch.zeros(2 + len(keys), dtype=torch.float64, device=device)  # images, loss, then keys
         with torch.no_grad(), autocast(device):
             for images, _ in self.val_batches:
-                loss = model(images.to(device, non_blocking=True)).loss  # a mean over images of equal token count
-                totals += torch.tensor([loss.item() * len(images), len(images)], dtype=torch.float64)
-        totals = all_reduce_sum(totals.to(device)).cpu()
+                output = model(images.to(device, non_blocking=True))  # means over images of equal token count
+                totals[0] += len(images)
+                totals[1:] += torch.stack([output.loss, *(output.groups[k] for k in keys)]).double() * len(images)
+        totals = all_reduce_sum(totals).cpu()
         if self.processes.is_main and ((epoch + 1) % self.cfg.recon_every == 0 or epoch + 1 == self.cfg.epochs):
             with torch.no_grad(), autocast(device):
                 recon = model.reconstruct(self.preview, model(self.preview))
@@ -89,7 +94,9 @@ class PretrainTask:
                 denormalize(self.preview, self.mean, self.std), denormalize(recon, self.mean, self.std),
                 Path(self.cfg.output_dir) / "reconstructions.png", title=f"epoch {epoch + 1}: next-cluster predictions",
             )  # fmt: skip
-        return {"val_loss": totals[0].item() / totals[1].item(), "val_images": int(totals[1].item())}
+        images = totals[0].item()
+        groups = {f"val_{key}": totals[2 + i].item() / images for i, key in enumerate(keys)}
+        return {"val_loss": totals[1].item() / images, **groups, "val_images": int(images)}
 
     def summary(self) -> dict:
         return {}
