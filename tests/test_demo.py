@@ -18,7 +18,7 @@ def fake_runs(monkeypatch):
         return root.name.replace("_", " ")
 
     def pretrain(scale, root, seed, options):
-        calls.append(("pretrain", method_of(root), seed))
+        calls.append(("pretrain", method_of(root), seed, scale.pretrain_images, scale.images(8192)))
         return {"seconds": 12.0, "output_dir": f"{root}/pre-{seed}"}
 
     def knn_probe(scale, root, seed, pre, options):
@@ -41,7 +41,8 @@ def fake_runs(monkeypatch):
 
 
 def test_demo_reports_three_metrics_per_method_and_paired_verdicts(tmp_path, fake_runs):
-    rows = demo.run_demo(demo.DemoConfig(out=str(tmp_path), seeds=2, data_path="synthetic", progress=False))
+    config = demo.DemoConfig(out=str(tmp_path), seeds=2, data_path="synthetic", labels_per_class=100, progress=False)
+    rows = demo.run_demo(config)
     assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in ("STAR", "ARM", "from scratch") for s in (0, 1)]
     # "no pretraining" is probed at random initialisation, with STAR's encoder (the paper's defaults)
     probes = [c for c in fake_runs if c[0] == "probe"]
@@ -73,21 +74,31 @@ def test_demo_reports_three_metrics_per_method_and_paired_verdicts(tmp_path, fak
 def test_one_seed_says_the_noise_is_unmeasured(tmp_path, fake_runs):
     demo.run_demo(demo.DemoConfig(out=str(tmp_path), data_path="synthetic", progress=False))
     text = (tmp_path / "table.md").read_text()
-    assert text.count("noise unmeasured") == 9  # 3 comparisons x 3 metrics
-    assert "| from scratch | - | - | 70.00 | 60.00 | 75.00 |" in text
+    assert text.count("noise unmeasured") == 6  # 3 comparisons x 2 metrics: no low-label finetuning by default
+    assert "| from scratch | - | - | 70.00 | 75.00 |" in text
+
+
+def test_the_default_demo_spends_its_budget_on_pretraining(tmp_path, fake_runs):
+    demo.run_demo(demo.DemoConfig(out=str(tmp_path), data_path="synthetic", progress=False))
+    pretrainings = [c for c in fake_runs if c[0] == "pretrain"]
+    # budget 0.4 for finetuning and probing, 1.5 for pretraining (12,288 images per epoch at budget 1)
+    assert [c[3:] for c in pretrainings] == [(18_432, 3_264)] * 2
+    assert [c[3] for c in fake_runs if c[0] == "finetune"] == [False] * 3  # no low-label runs
+    assert json.loads((tmp_path / "table.json").read_text())["decoder_context"] == "image"
 
 
 def test_all_label_finetuning_can_pass_over_the_whole_training_set(tmp_path, fake_runs):
-    demo.run_demo(demo.DemoConfig(out=str(tmp_path), data_path="synthetic", progress=False))
+    low = {"data_path": "synthetic", "labels_per_class": 100, "progress": False}
+    demo.run_demo(demo.DemoConfig(out=str(tmp_path), **low))
     default = [c for c in fake_runs if c[0] == "finetune"]
     fake_runs.clear()
-    demo.run_demo(demo.DemoConfig(out=str(tmp_path), data_path="synthetic", finetune_epochs=2, progress=False))
+    demo.run_demo(demo.DemoConfig(out=str(tmp_path), finetune_epochs=2, **low))
     passes = [c for c in fake_runs if c[0] == "finetune"]
     assert {c[5] for c in default if not c[3]} == {("budget", None)}  # the budget's subset, the recipe's epochs
     assert {c[5] for c in passes if not c[3]} == {(None, 2)}  # every training image, twice
     assert [c for c in passes if c[3]] == [c for c in default if c[3]]  # the low-label runs do not change
     assert json.loads((tmp_path / "table.json").read_text())["finetune_epochs"] == 2
-    assert "budget 0.4, all labels x 2, seeds [0]" in (tmp_path / "table.md").read_text()
+    assert "budget 0.4, pretraining budget 1.5, all labels x 2, seeds [0]" in (tmp_path / "table.md").read_text()
 
 
 def test_demo_options_are_checked():

@@ -49,10 +49,17 @@ class Scale:
     """validation images every top-1 is measured on (None: the whole validation split)"""
     num_workers: int = 1
     progress: bool = True
+    pretrain_budget: float | None = None
+    """the pretraining's own budget (None: ``budget``)"""
 
-    def images(self, per_epoch: int) -> int:
-        """Training images per epoch at this budget, in whole batches (at least 2)."""
-        return max(2, round(per_epoch * self.budget / BATCH)) * BATCH
+    def images(self, per_epoch: int, budget: float | None = None) -> int:
+        """Training images per epoch at ``budget`` (default: this scale's), in whole batches (at least 2)."""
+        return max(2, round(per_epoch * (self.budget if budget is None else budget) / BATCH)) * BATCH
+
+    @property
+    def pretrain_images(self) -> int:
+        """Pretraining images per epoch."""
+        return self.images(PRETRAIN_IMAGES, self.pretrain_budget)
 
 
 def pretrain_config(scale: Scale, out: Path, seed: int, **star_options) -> PretrainConfig:
@@ -62,7 +69,7 @@ def pretrain_config(scale: Scale, out: Path, seed: int, **star_options) -> Pretr
     return PretrainConfig(
         model="star_tiny", arch=arch, data_path=scale.data_path, output_dir=str(out), batch_size=BATCH,
         epochs=EPOCHS, warmup_epochs=0.25, blr=1.5e-3, clip_grad=3.0, seed=seed,
-        limit_train=scale.images(PRETRAIN_IMAGES), limit_val=val_images, num_workers=scale.num_workers,
+        limit_train=scale.pretrain_images, limit_val=val_images, num_workers=scale.num_workers,
         progress=scale.progress, tensorboard=False, log_every=10,
     )  # fmt: skip
 
