@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from starmamba.sequence import SequenceLayout
 from starmamba.train.ema import ModelEma
 from starmamba.train.metrics import MetricsLog, read_metrics
-from starmamba.train.plots import curves_figure, plot_curves, reconstruction_figure
+from starmamba.train.plots import curves_figure, plot_curves, reconstruction_figure, sequence_figure
 
 
 def small_model() -> nn.Module:
@@ -203,3 +204,24 @@ def test_reconstruction_panels_are_labelled_and_nothing_is_clipped(count: int) -
     for artist in texts + [axes for row in rows for axes in row]:
         box = artist.get_window_extent(renderer)
         assert canvas.x0 <= box.x0 and box.x1 <= canvas.x1 and canvas.y0 <= box.y0 and box.y1 <= canvas.y1, artist
+
+
+def test_curves_show_each_target_group_over_its_floor() -> None:
+    records = [{"step": s, "loss": 0.7, "loss_cluster": 0.8 - s / 100, "floor_cluster": 0.83,
+                "loss_separator": 0.01, "floor_separator": 0.0} for s in (1, 2, 3)]  # fmt: skip
+    figure = curves_figure(records)
+    panel = next(axes for axes in figure.axes if axes.get_title().startswith("loss by target group"))
+    lines = panel.get_lines()
+    assert [line.get_linestyle() for line in lines] == ["-", "--", "-", "--"]  # separators, then other clusters
+    assert list(lines[2].get_ydata()) == [0.79, 0.78, 0.77] and list(lines[3].get_ydata()) == [0.83] * 3
+    assert lines[3].get_color() == lines[2].get_color()
+
+
+def test_sequence_figure_draws_each_context_mask() -> None:
+    layout = SequenceLayout(grid=4, cluster=2, images_per_sequence=2)
+    strip, sequence, image = sequence_figure(layout).axes
+    assert strip.images[0].get_array().shape == (1, layout.num_tokens, 3)
+    for axes, context in ((sequence, "sequence"), (image, "image")):
+        drawn = np.asarray(axes.images[0].get_array())
+        expected = SequenceLayout(grid=4, cluster=2, images_per_sequence=2, decoder_context=context).decoder_mask
+        assert np.array_equal(drawn, expected.numpy())

@@ -123,3 +123,50 @@ def reconstruction_figure(inputs: Tensor, outputs: Tensor, title: str = ""):
     if title:
         figure.suptitle(title)
     return figure
+
+
+def sequence_figure(layout):
+    """A packed STAR sequence as a matplotlib Figure: its units as a strip of tokens (separators grey,
+    each image's clusters in one colour, lighter by cluster), and the decoder's attention mask under
+    each ``decoder_context`` (queries down, encoder tokens across; dark where a query may attend)."""
+    import dataclasses
+
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgb
+    from matplotlib.figure import Figure
+
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    clusters = layout.cluster_grid[0] * layout.cluster_grid[1]
+    colours = []
+    for unit in layout.encoder_units:
+        if unit.kind == "separator":
+            colour = np.array([0.55, 0.55, 0.55])
+        else:
+            shade = 0.55 * unit.cluster / max(clusters - 1, 1)
+            colour = np.array(to_rgb(palette[unit.image % len(palette)])) * (1 - shade) + shade
+        colours += [colour] * unit.num_tokens
+    figure = Figure(figsize=(11, 6.2), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(2, 2, height_ratios=[1, 6])
+    strip = figure.add_subplot(grid[0, :])
+    strip.imshow(np.stack(colours)[None], aspect="auto", interpolation="nearest")
+    start = 0
+    for unit in layout.encoder_units:
+        name = "S" if unit.kind == "separator" else f"C{unit.cluster}"
+        strip.text(start + unit.num_tokens / 2 - 0.5, 0, name, ha="center", va="center", fontsize=7)
+        start += unit.num_tokens
+    strip.set(yticks=[], xlabel="encoder tokens, in scan order",
+              title=f"{layout.images_per_sequence} images per sequence, {layout.num_tokens} tokens")  # fmt: skip
+    for column, context in enumerate(("sequence", "image")):
+        axes = figure.add_subplot(grid[1, column])
+        mask = dataclasses.replace(layout, decoder_context=context).decoder_mask
+        axes.imshow(mask.numpy(), cmap="Greys", interpolation="nearest", vmin=0, vmax=1.6)
+        axes.set(title=f'decoder_context="{context}"', xlabel="encoder tokens (keys)", ylabel="queries (targets)")
+    return figure
+
+
+def save_sequence_figure(layout, path: Path) -> None:
+    """Save :func:`sequence_figure` of ``layout`` as the PNG ``path``."""
+    figure = sequence_figure(layout)
+    atomic_write(Path(path), lambda temp: figure.savefig(temp, format="png"))
