@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, environment, print_table, write_json
-from starmamba.experiments import SMALL_ARCH, SMALL_DECODER
+from starmamba.experiments.recipes import SMALL_ARCH, SMALL_DECODER
 from starmamba.models import create_model
 from starmamba.ops import BACKEND_ENV, resolve_backend
 

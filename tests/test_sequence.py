@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from starmamba.sequence import SequenceLayout
+from starmamba.models.layout import SequenceLayout
 
 
 def unit_names(layout, image=0):

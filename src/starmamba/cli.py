@@ -90,7 +90,7 @@ def cmd_evaluate(argv: list[str]) -> None:
 
 
 def cmd_export(argv: list[str]) -> None:
-    from starmamba.export import ExportConfig, run_export
+    from starmamba.train.export import ExportConfig, run_export
 
     run_export(tyro.cli(ExportConfig, args=argv, prog="starmamba export", use_underscores=True))
 
@@ -113,13 +113,13 @@ def cmd_list_models(argv: list[str]) -> None:
 
 
 def cmd_demo(argv: list[str]) -> None:
-    from starmamba.demo import DemoConfig, run_demo
+    from starmamba.experiments.demo import DemoConfig, run_demo
 
     run_demo(tyro.cli(DemoConfig, args=argv, prog="starmamba demo", use_underscores=True))
 
 
 def cmd_ablate(argv: list[str]) -> None:
-    from starmamba.ablate import AblateConfig, run_ablation
+    from starmamba.experiments.ablate import AblateConfig, run_ablation
 
     run_ablation(tyro.cli(AblateConfig, args=argv, prog="starmamba ablate", use_underscores=True))
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from starmamba.config import check_choice, check_fraction, check_positive
+from starmamba.checks import check_choice, check_fraction, check_positive
 from starmamba.models.features import OutputFormat, feature_take_indices
 from starmamba.models.hub import HubMixin
 from starmamba.models.mixer import MambaMixer, scan_orders

@@ -8,11 +8,11 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
-from starmamba.config import check_positive
+from starmamba.checks import check_positive
 from starmamba.models.backbone import AroundEncoder, BackboneConfig, MambaMLP
 from starmamba.models.decoder import Decoder
+from starmamba.models.layout import SeparatorPosition, SeparatorType, SeparatorValue, SequenceLayout
 from starmamba.models.pos_embed import sincos_2d
-from starmamba.sequence import SeparatorPosition, SeparatorType, SeparatorValue, SequenceLayout
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import tyro
 from typeguard import TypeCheckError, check_type
 
-from starmamba.config import check_choice, check_fraction, check_positive
+from starmamba.checks import check_choice, check_fraction, check_positive
 from starmamba.data.datasets import MAX_UNREADABLE
 from starmamba.models import ClassifierConfig, StarConfig, model_config
 

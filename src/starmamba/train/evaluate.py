@@ -11,9 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from starmamba.data import Augmented, EvalTransform, build_dataset
+from starmamba.models.loading import load_classifier
 from starmamba.train.config import EvaluateConfig, check_rgb
 from starmamba.train.distributed import Processes, ShardSampler, all_reduce_sum, joined
-from starmamba.train.loading import load_classifier
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, processes: Processes) -> DataLoader:

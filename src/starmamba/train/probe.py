@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader
 
 from starmamba.data import Augmented, EvalTransform, build_dataset
 from starmamba.models.backbone import MambaMLPClassifier
+from starmamba.models.loading import load_probe_model
 from starmamba.models.star import StarPretrainer
 from starmamba.train.config import EvaluateConfig, check_rgb
 from starmamba.train.distributed import resolve_device
 from starmamba.train.evaluate import run_eval_options
-from starmamba.train.loading import load_probe_model
 
 Probe = Literal["knn", "linear"]
 KNN_K = 20

@@ -130,7 +130,7 @@ def run_probe_config(config: ProbeConfig) -> dict:
     import torch
 
     from starmamba.models import StarPretrainer
-    from starmamba.train.loading import load_probe_model
+    from starmamba.models.loading import load_probe_model
     from starmamba.train.probe import probe_model
 
     if config.weights:

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from starmamba.config import check_positive
-from starmamba.experiments import (
+from starmamba.checks import check_positive
+from starmamba.experiments.recipes import (
     EPOCHS,
     LOW_LABELS_PER_CLASS,
     PRETRAIN_IMAGES,
@@ -153,7 +153,7 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
 
 def comparisons(rows: list[dict]) -> list[dict]:
     """Every comparison of :data:`COMPARISONS` on every metric: the paired per-seed difference and its verdict."""
-    from starmamba.reports import noise_verdict, paired_difference
+    from starmamba.experiments.reports import noise_verdict, paired_difference
 
     result = []
     for a, b in COMPARISONS:
@@ -190,7 +190,7 @@ def table_markdown(summary: dict[str, dict], labels_per_class: int) -> str:
 
 
 def write_report(out: Path, rows: list[dict], cfg: DemoConfig, wall: float) -> None:
-    from starmamba.reports import demo_figures
+    from starmamba.experiments.reports import demo_figures
 
     summary = summarise(rows)
     compared = comparisons(rows)

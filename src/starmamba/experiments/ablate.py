@@ -25,7 +25,7 @@ from typing import Annotated, Literal
 
 import tyro
 
-from starmamba.experiments import Scale, finetune, knn_probe, pretrain, run_tasks
+from starmamba.experiments.recipes import Scale, finetune, knn_probe, pretrain, run_tasks
 from starmamba.files import write_json, write_text
 from starmamba.train.config import DataPath
 
@@ -191,7 +191,7 @@ def summarise(
 ) -> dict:  # fmt: skip
     """The table's report: per row its runs and mean ± std per metric, with paired per-seed differences
     from the first row and (k-NN) from the random-initialisation probes ``random_init``, one per seed."""
-    from starmamba.reports import paired_difference
+    from starmamba.experiments.reports import paired_difference
 
     random_knn = [probe["acc1"] for probe in random_init]
 

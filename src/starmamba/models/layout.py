@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from starmamba.config import check_choice
+from starmamba.checks import check_choice
 
 SeparatorType = Literal["none", "token", "cluster"]
 SeparatorValue = Literal["zeros", "ones", "embedding", "identity"]
