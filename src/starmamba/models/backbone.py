@@ -18,6 +18,7 @@ from starmamba.models.features import OutputFormat, feature_take_indices
 from starmamba.models.hub import HubMixin
 from starmamba.models.mixer import MambaMixer, scan_orders
 from starmamba.models.pos_embed import sincos_2d
+from starmamba.models.registry import register
 
 ClassToken = Literal["tail", "middle", "none"]
 
@@ -216,6 +217,7 @@ class AroundEncoder(nn.Module, HubMixin):
         return {"stem": f"^(?:{stem})", "blocks": r"^encoder\.blocks\.(\d+)\.", "head": f"^(?!{head})"}
 
 
+@register("mambamlp", ClassifierConfig)
 class MambaMLPClassifier(AroundEncoder):
     """MambaMLP image classifier: (B, C, H, W) -> logits (B, num_classes).
 

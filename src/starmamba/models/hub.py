@@ -21,7 +21,11 @@ from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from starmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from starmamba.models.registry import MODEL_CLASSES, build_model, model_config, model_name, split_name
+
+# ImageNet's per-channel statistics (data/datasets.py gives them to ImageFolder data sets).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # What describes the weights unless a folder (or a run's export) says otherwise: ImageNet's
 # statistics and the evaluation crop of this library's finetuning recipe.
@@ -64,9 +68,6 @@ class HubMixin(
     def pretrained_cfg(self) -> dict[str, Any]:
         """timm's pretrained config: the data config (input size, mean/std, crop_pct, interpolation,
         crop_mode) of these weights and the model's ``architecture``, ``num_classes``, first conv, head."""
-        # Imported here: the registry imports the model classes, which import this module.
-        from starmamba.models.registry import model_name
-
         stored = self.__dict__.get("_pretrained_cfg", {})
         derived = {
             "input_size": (self.cfg.in_chans, self.cfg.img_size, self.cfg.img_size),
@@ -123,8 +124,6 @@ class HubMixin(
         ``architecture``, when given (``create_model`` passes its name), must be the folder's.
         ``num_classes`` different from the folder's loads the weights, then resets the head.
         """
-        from starmamba.models.registry import MODEL_CLASSES, build_model, model_config, split_name
-
         where = f"{model_id}/{constants.CONFIG_NAME}"
         if config is None:
             raise FileNotFoundError(f"{model_id} has no {constants.CONFIG_NAME}: not a folder from save_pretrained")

@@ -13,6 +13,7 @@ from starmamba.models.backbone import AroundEncoder, BackboneConfig, MambaMLP
 from starmamba.models.decoder import Decoder
 from starmamba.models.layout import SeparatorPosition, SeparatorType, SeparatorValue, SequenceLayout
 from starmamba.models.pos_embed import sincos_2d
+from starmamba.models.registry import register
 
 
 @dataclass
@@ -107,6 +108,7 @@ def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
     return (patches - mean) / (var + eps).sqrt()
 
 
+@register("star", StarConfig)
 class StarPretrainer(AroundEncoder):
     """Pretraining model. ``forward(images)`` with images (B*N, C, H, W) or (B, N, C, H, W), N images
     per sequence, returns a :class:`StarOutput` whose loss is the MSE over every predicted token."""
