@@ -306,6 +306,11 @@ class MambaMLPClassifier(AroundEncoder):
             return x
         return torch.cat([x[:, : self.cls_index], x[:, self.cls_index + 1 :]], dim=1)
 
+    def pooled_features(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, dim): the mean of the patch tokens after the final norm (the class token,
+        if any, left out whatever the readout, so that every checkpoint is probed alike)."""
+        return self.patch_tokens(self.forward_features(images)).mean(dim=1)
+
     def forward_intermediates(
         self,
         x: Tensor,

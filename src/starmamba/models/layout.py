@@ -16,6 +16,7 @@ patches row-major) followed by the ``T`` tokens of one separator unit.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -230,6 +231,18 @@ class SequenceLayout:
             [starts[p.source + 1] for p in self.predictions for _ in range(self.target_unit(p).num_tokens)]
         )
         return torch.arange(self.num_tokens)[None, :] < visible_until[:, None]
+
+    @cached_property
+    def image_index(self) -> Tensor:
+        """(tokens_per_image,) one image's block read alone, as the first image of a sequence reads it: the
+        index of every token in a one-image bank (the image's patches row-major, then one separator unit)."""
+        one_image = dataclasses.replace(self, images_per_sequence=1)
+        return _per_token(self._image_block(0), one_image._unit_bank_index)
+
+    @cached_property
+    def image_is_patch(self) -> Tensor:
+        """(tokens_per_image,) bool: which tokens of :attr:`image_index` are patches (not separator)."""
+        return _per_token(self._image_block(0), self._unit_patch_index) >= 0
 
     @cached_property
     def separator_pattern(self) -> Tensor:

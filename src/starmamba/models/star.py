@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from starmamba.checks import check_positive
@@ -187,6 +188,23 @@ class StarPretrainer(AroundEncoder):
         _, features = self.encoder(tokens, None, keep=self.cfg.levels)
         features = [norm(f) for norm, f in zip(self.feature_norms, features, strict=True)]
         return list(self.enc2dec(torch.cat(features, dim=-1)).chunk(len(features), dim=-1))
+
+    def pooled_features(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, dim): each image read alone as in pretraining, the mean of its patch tokens.
+
+        One causal scan over the image's clusters in pretraining order, its separator unit where the
+        first image of a sequence has it (the separator is what every image followed in training, and
+        the first image's state starts from zero as here). Each token is layer-normalised; separator
+        tokens are left out of the mean. The mean, not the last token: the last cluster was trained to
+        predict what follows the image, while every patch token holds its own patch and what preceded it.
+        """
+        tokens = self.encoder.embed(images)
+        if self.cfg.separator != "none":
+            tokens = torch.cat([tokens, self.separator_tokens().expand(len(images), -1, -1)], dim=1)
+        layout = self.layout
+        out, _ = self.encoder(tokens.index_select(1, layout.image_index.to(tokens.device)), None)
+        out = F.layer_norm(out[:, layout.image_is_patch.to(out.device)].float(), (out.shape[-1],))
+        return out.mean(dim=1)
 
     def decode(self, memories: list[Tensor]) -> Tensor:
         """Memories -> pixel predictions (B, num_queries, patch*patch*C)."""
