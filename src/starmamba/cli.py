@@ -85,8 +85,13 @@ def cmd_finetune(argv: list[str]) -> None:
 
 def cmd_evaluate(argv: list[str]) -> None:
     from starmamba.train.evaluate import run_evaluate
+    from starmamba.train.probe import run_probe
 
-    run_evaluate(tyro.cli(EvaluateConfig, args=argv, prog="starmamba evaluate", use_underscores=True))
+    cfg = tyro.cli(EvaluateConfig, args=argv, prog="starmamba evaluate", use_underscores=True)
+    if cfg.probe == "none":
+        run_evaluate(cfg)
+    else:
+        run_probe(cfg)
 
 
 def cmd_export(argv: list[str]) -> None:

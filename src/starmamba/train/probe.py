@@ -8,7 +8,6 @@ tokens after the last block, for a pretrained STAR/ARM encoder read as in pretra
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -19,8 +18,8 @@ from torch.utils.data import DataLoader
 from starmamba.data import Augmented, EvalTransform, build_dataset
 from starmamba.models.loading import load_probe_model
 from starmamba.train.config import EvaluateConfig, check_rgb
-from starmamba.train.distributed import resolve_device
-from starmamba.train.evaluate import run_eval_options
+from starmamba.train.distributed import autocast, resolve_device
+from starmamba.train.eval_setup import eval_options
 
 Probe = Literal["knn", "linear"]
 KNN_K = 20
@@ -41,7 +40,7 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device)
     model.eval()
     features, labels = [], []
     for images, targets in loader:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             features.append(pooled_features(model, images.to(device)).float())
         labels.append(targets)
     if not features:
@@ -153,11 +152,10 @@ def run_probe(cfg: EvaluateConfig) -> dict:
     """``starmamba evaluate --probe``: load a classifier or pretraining checkpoint, print the probe's top-1."""
     model, description = load_probe_model(cfg.checkpoint, ema=cfg.ema)
     check_rgb(model.cfg)
-    options = run_eval_options(Path(cfg.checkpoint))
+    options = eval_options(cfg)
     result = probe_model(
         model, cfg.data_path, cfg.probe, resolve_device(cfg.device),
-        crop_pct=cfg.crop_pct if cfg.crop_pct is not None else options["crop_pct"],
-        resize=cfg.eval_resize if cfg.eval_resize is not None else options["resize"], batch_size=cfg.batch_size,
+        crop_pct=options["crop_pct"], resize=options["resize"], batch_size=cfg.batch_size,
         num_workers=cfg.num_workers, limit_train=cfg.limit_train, limit_val=cfg.limit_val, k=cfg.knn_k,
         temperature=cfg.knn_temperature,
     )  # fmt: skip
