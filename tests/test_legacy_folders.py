@@ -8,7 +8,7 @@ import torch
 
 from starmamba import create_model
 from starmamba.models import MambaMLPClassifier, StarPretrainer
-from starmamba.models.loading import load_classifier, load_probe_model
+from starmamba.models.loading import load_classifier, load_model, load_probe_model
 from starmamba.train.export import export_run
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
@@ -53,3 +53,11 @@ def test_a_legacy_run_exports_to_a_folder_that_loads_back(tmp_path):
     with torch.no_grad():
         close(create_model("mambamlp_tiny", pretrained=out)(images()), EXPECTED["finetune_logits"])
 
+
+@torch.no_grad()
+def test_one_loader_reads_every_kind_of_folder():
+    assert isinstance(load_model(LEGACY / "pretrain"), StarPretrainer)
+    assert isinstance(load_model(LEGACY / "hub_pretrain"), StarPretrainer)
+    for folder in ("finetune", "hub_finetune"):
+        close(load_model(LEGACY / folder).eval()(images()), EXPECTED["finetune_logits"])
+    close(load_model(LEGACY / "finetune", ema=True).eval()(images()), EXPECTED["finetune_ema_logits"])

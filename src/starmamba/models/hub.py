@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from starmamba.models.registry import MODEL_CLASSES, build_model, model_config, model_name, split_name
+from starmamba.models.weights import misfits
 
 # ImageNet's per-channel statistics (data/datasets.py gives them to ImageFolder data sets).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -146,13 +147,13 @@ class HubMixin(
                 f"{model_type.__name__}.from_pretrained or starmamba.create_model({held!r}, pretrained=...)"
             )
         model = build_model(model_cfg)
-        weights = _weights_file(model_id, revision, cache_dir, force_download, local_files_only, token)
+        weights = _hub_weights_file(model_id, revision, cache_dir, force_download, local_files_only, token)
         try:
             with safe_open(weights, "pt") as file:
                 shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as error:
             raise ValueError(f"cannot read {weights} (truncated or not safetensors?): {error}") from error
-        problems = _misfits(shapes, model)
+        problems = misfits(shapes, model)
         if problems:
             raise ValueError(f"the weights in {weights} do not fit {held} as {where} describes it; {problems}")
         load_model(model, weights, strict=True, device=str(map_location))
@@ -162,26 +163,7 @@ class HubMixin(
         return model.eval()
 
 
-def _misfits(shapes: dict[str, tuple[int, ...]], model: torch.nn.Module) -> str:
-    """Missing, unexpected and wrongly shaped weights, summed up in a line ('' when they fit)."""
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    groups = {
-        "missing": sorted(expected.keys() - shapes.keys()),
-        "unexpected": sorted(shapes.keys() - expected.keys()),
-        "shape mismatch": [
-            f"{key}: {shapes[key]} vs {expected[key]}"
-            for key in sorted(expected.keys() & shapes.keys())
-            if shapes[key] != expected[key]
-        ],
-    }
-    return "; ".join(
-        f"{label} ({len(items)}): {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-        for label, items in groups.items()
-        if items
-    )
-
-
-def _weights_file(
+def _hub_weights_file(
     model_id: str,
     revision: str | None,
     cache_dir: str | Path | None,
