@@ -9,7 +9,8 @@ from typing import get_args
 import pytest
 
 from starmamba.experiments import ablate
-from starmamba.experiments.recipes import Scale, cached_run, config_key, finetune_config, pretrain_config
+from starmamba.experiments.recipes import Scale, finetune_config, pretrain_config
+from starmamba.experiments.runs import cached_run, config_key
 from starmamba.models.backbone import ClassToken
 from starmamba.models.layout import SeparatorPosition, SeparatorType, SeparatorValue
 
@@ -209,7 +210,7 @@ def _threads_and_power(base: int, exponent: int) -> tuple[int, int]:
 def test_run_tasks_keeps_the_order_and_splits_the_cores_between_processes():
     import os
 
-    from starmamba.experiments.recipes import run_tasks
+    from starmamba.experiments.runs import run_tasks
 
     tasks = [(2, 3), (3, 2), (5, 1)]
     assert [power for _, power in run_tasks(_threads_and_power, tasks)] == [8, 9, 5]
