@@ -1,6 +1,6 @@
 """Images per second of a full training step (forward, backward, AdamW) per scan backend.
 
-Cases: the small-scale STAR and ARM pretraining and finetuning of ``starmamba.experiments``
+Cases: the small-scale STAR and ARM pretraining and finetuning of ``starmamba.experiments.recipes``
 (24 px, 96 wide, 6 blocks, batch 64) and the paper's ``star_base`` (192 px, 8 images per
 sequence) and ``mambamlp_base`` (224 px). In each case the backends take turns step by step in one
 process (``STARMAMBA_SCAN_BACKEND`` is read at every scan), so a noisy spell of the machine hits
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import device_name, environment, print_table, write_json
-from starmamba.experiments import SMALL_ARCH, SMALL_DECODER
+from starmamba.experiments.recipes import SMALL_ARCH, SMALL_DECODER
 from starmamba.models import create_model
 from starmamba.ops import BACKEND_ENV, resolve_backend
 

@@ -8,7 +8,7 @@ import torch
 
 from starmamba.models import ClassifierConfig, MambaMLPClassifier, create_model
 from starmamba.models.arm import from_arm
-from starmamba.train.loading import load_classifier, load_pretrained_state
+from starmamba.models.loading import load_classifier, load_pretrained_state
 
 SUFFIX = {0: "", 1: "_b", 2: "_c", 3: "_c_b"}
 

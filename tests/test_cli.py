@@ -10,7 +10,8 @@ import pytest
 
 import starmamba
 from starmamba.cli import main, parse_job
-from starmamba.train.config import PRESETS, EvaluateConfig, FinetuneConfig, PretrainConfig, preset, to_dict
+from starmamba.experiments.recipes import PRESETS, preset
+from starmamba.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig, to_dict
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import starmamba.ops
-from starmamba import demo, reports
+from starmamba.experiments import demo, reports
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import torch
 from starmamba.cli import main
 from starmamba.data import EvalTransform, build_dataset
 from starmamba.data.datasets import FASHION_MNIST_DIR_ENV
-from starmamba.demo import DemoConfig, run_demo
-from starmamba.train.loading import load_classifier
+from starmamba.experiments.demo import DemoConfig, run_demo
+from starmamba.models.loading import load_classifier
 from starmamba.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

@@ -8,10 +8,11 @@ from typing import get_args
 
 import pytest
 
-from starmamba import ablate
-from starmamba.experiments import Scale, cached_run, config_key, finetune_config, pretrain_config
+from starmamba.experiments import ablate
+from starmamba.experiments.recipes import Scale, finetune_config, pretrain_config
+from starmamba.experiments.runs import cached_run, config_key
 from starmamba.models.backbone import ClassToken
-from starmamba.sequence import SeparatorPosition, SeparatorType, SeparatorValue
+from starmamba.models.layout import SeparatorPosition, SeparatorType, SeparatorValue
 
 
 def test_budget_scales_whole_batches_with_a_floor():
@@ -186,7 +187,7 @@ def test_one_readout_is_every_rows_readout_and_named_in_the_title(tmp_path, fake
 
 
 def test_low_label_finetuning_takes_as_many_steps_as_full_label():
-    from starmamba.experiments import EPOCHS, FINETUNE_IMAGES, FINETUNE_WARMUP_EPOCHS, low_label_options
+    from starmamba.experiments.recipes import EPOCHS, FINETUNE_IMAGES, FINETUNE_WARMUP_EPOCHS, low_label_options
 
     scale = Scale(budget=1.0)
     options = low_label_options(scale, num_classes=10, per_class=100)
@@ -218,7 +219,7 @@ def _threads_and_power(base: int, exponent: int) -> tuple[int, int]:
 def test_run_tasks_keeps_the_order_and_splits_the_cores_between_processes():
     import os
 
-    from starmamba.experiments import run_tasks
+    from starmamba.experiments.runs import run_tasks
 
     tasks = [(2, 3), (3, 2), (5, 1)]
     assert [power for _, power in run_tasks(_threads_and_power, tasks)] == [8, 9, 5]

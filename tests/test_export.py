@@ -8,12 +8,12 @@ import torch
 
 from starmamba import create_model
 from starmamba.cli import main
-from starmamba.export import export_run
 from starmamba.models import MambaMLPClassifier, StarPretrainer, build_model, model_config
+from starmamba.models.loading import load_classifier
 from starmamba.train.checkpoint import export_weights
 from starmamba.train.config import FinetuneConfig, PretrainConfig, to_dict
+from starmamba.train.export import export_run
 from starmamba.train.finetune import run_finetune
-from starmamba.train.loading import load_classifier
 
 TINY = dict(img_size=16, patch_size=4, dim=32, depth=2)
 METRICS = [

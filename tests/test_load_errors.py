@@ -12,9 +12,10 @@ from torch import nn
 
 from starmamba.cli import main
 from starmamba.models import build_model, model_config
-from starmamba.train.checkpoint import export_weights, load_training_state, load_weights
+from starmamba.models.loading import load_pretrained_state
+from starmamba.models.weights import load_weights
+from starmamba.train.checkpoint import export_weights, load_training_state
 from starmamba.train.config import to_dict
-from starmamba.train.loading import load_pretrained_state
 from test_train_jobs import TINY, tiny_pretrain
 
 

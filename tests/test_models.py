@@ -250,7 +250,7 @@ def test_conversion_refuses_another_model():
     with pytest.raises(ValueError, match="shape mismatch"):
         classifier_state_from_pretrained(star.state_dict(), wider)
     deeper = tiny_classifier(depth=3)
-    with pytest.raises(ValueError, match=r"missing \(\d+\): blocks\.2\."):
+    with pytest.raises(ValueError, match=r"\d+ missing: blocks\.2\."):
         classifier_state_from_pretrained(star.state_dict(), deeper)
     with pytest.raises(ValueError, match="no encoder"):
         classifier_state_from_pretrained({"head.weight": torch.zeros(1)}, wider)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from starmamba.reports import noise_verdict, paired_difference
+from starmamba.experiments.reports import noise_verdict, paired_difference
 
 
 def test_paired_difference_by_hand():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from starmamba.sequence import TARGET_GROUPS, SequenceLayout
+from starmamba.models.layout import TARGET_GROUPS, SequenceLayout
 
 
 def unit_names(layout, image=0):
@@ -162,6 +162,7 @@ def test_target_groups_by_hand():
     # ARM: clusters 2..9 only, never a first cluster or a separator.
     arm = SequenceLayout(grid=12, cluster=4, images_per_sequence=1, separator="none")
     assert set(arm.query_group.tolist()) == {TARGET_GROUPS.index("cluster")}
+    assert arm.target_groups == ("cluster",) and layout.target_groups == TARGET_GROUPS
     # No separator, 2 images: image 1's first cluster is a target (from image 0's last cluster).
     none = SequenceLayout(grid=4, cluster=2, images_per_sequence=2, separator="none")
     assert [TARGET_GROUPS[g] for g in none.query_group[::4].tolist()] == ["cluster"] * 3 + ["first_cluster"] + [

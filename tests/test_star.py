@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from starmamba.models import create_model
+from starmamba.models.layout import TARGET_GROUPS, SeparatorPosition, SeparatorType, SeparatorValue
 from starmamba.models.star import normalize_patches, patchify, unpatchify
-from starmamba.sequence import TARGET_GROUPS, SeparatorPosition, SeparatorType, SeparatorValue
 from starmamba.train.optim import layer_ids
 
 

@@ -10,15 +10,9 @@ import torch
 from torch import nn
 
 from starmamba.files import write_json
+from starmamba.models.weights import check_compatible, load_weights
 from starmamba.train import checkpoint as ckpt
-from starmamba.train.checkpoint import (
-    check_compatible,
-    export_weights,
-    latest_checkpoint,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-)
+from starmamba.train.checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 
 CONFIG = {"dim": 4, "depths": [1, 2], "name": "tiny"}
 

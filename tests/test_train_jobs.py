@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from starmamba.models import model_config
 from starmamba.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
-from starmamba.train.evaluate import run_eval_options, run_evaluate
+from starmamba.train.eval_setup import run_eval_options
+from starmamba.train.evaluate import run_evaluate
 from starmamba.train.finetune import FinetuneTask, run_finetune
 from starmamba.train.metrics import read_metrics
 from starmamba.train.pretrain import run_pretrain

@@ -9,20 +9,23 @@ import os
 import sys
 from collections.abc import Callable
 
+import torch
 import tyro
 
 from starmamba import __version__
 from starmamba.errors import RunError
-from starmamba.models import SIZES, list_models
-from starmamba.train.config import (
-    PRESETS,
-    EvaluateConfig,
-    FinetuneConfig,
-    PretrainConfig,
-    load_config_file,
-    preset,
-)
+from starmamba.experiments.ablate import AblateConfig, run_ablation
+from starmamba.experiments.demo import DemoConfig, run_demo
+from starmamba.experiments.recipes import PRESETS, preset
+from starmamba.models import SIZES, build_model, list_models, model_config
+from starmamba.models.registry import split_name
+from starmamba.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig, load_config_file
 from starmamba.train.distributed import end_process
+from starmamba.train.evaluate import run_evaluate
+from starmamba.train.export import ExportConfig, run_export
+from starmamba.train.finetune import run_finetune
+from starmamba.train.pretrain import run_pretrain
+from starmamba.train.probe import run_probe
 
 USAGE = """usage: starmamba COMMAND [OPTIONS]   (or starmamba --version)
 
@@ -40,11 +43,10 @@ commands:
 
 def with_model(cfg, name: str, family: str):
     """``cfg`` with the width and depth of preset ``name`` (other architecture options kept)."""
-    prefix, _, size = name.partition("_")
-    if prefix != family or size not in SIZES:
-        choices = [m for m in list_models() if m.startswith(family)]
+    choices = [m for m in list_models() if split_name(m)[0] == family]
+    if name not in choices:
         raise ValueError(f"--model {name!r} is not one of {', '.join(choices)}")
-    dim, depth = SIZES[size]
+    dim, depth = SIZES[split_name(name)[1]]
     return dataclasses.replace(cfg, model=name, arch=dataclasses.replace(cfg.arch, dim=dim, depth=depth))
 
 
@@ -71,35 +73,27 @@ def parse_job(job: str, config_type: type, family: str, argv: list[str]):
 
 
 def cmd_pretrain(argv: list[str]) -> None:
-    from starmamba.train.pretrain import run_pretrain
-
     run_pretrain(parse_job("pretrain", PretrainConfig, "star", argv))
 
 
 def cmd_finetune(argv: list[str]) -> None:
-    from starmamba.train.finetune import run_finetune
-
     given = any(arg == "--num_classes" or arg.startswith("--num_classes=") for arg in argv)
     run_finetune(parse_job("finetune", FinetuneConfig, "mambamlp", argv), num_classes_given=given)
 
 
 def cmd_evaluate(argv: list[str]) -> None:
-    from starmamba.train.evaluate import run_evaluate
-
-    run_evaluate(tyro.cli(EvaluateConfig, args=argv, prog="starmamba evaluate", use_underscores=True))
+    cfg = tyro.cli(EvaluateConfig, args=argv, prog="starmamba evaluate", use_underscores=True)
+    if cfg.probe == "none":
+        run_evaluate(cfg)
+    else:
+        run_probe(cfg)
 
 
 def cmd_export(argv: list[str]) -> None:
-    from starmamba.export import ExportConfig, run_export
-
     run_export(tyro.cli(ExportConfig, args=argv, prog="starmamba export", use_underscores=True))
 
 
 def cmd_list_models(argv: list[str]) -> None:
-    import torch
-
-    from starmamba.models import build_model, model_config
-
     argparse.ArgumentParser(
         prog="starmamba list-models",
         description="The model presets (--model NAME): width, depth, scan directions, image size, parameters.",
@@ -113,14 +107,10 @@ def cmd_list_models(argv: list[str]) -> None:
 
 
 def cmd_demo(argv: list[str]) -> None:
-    from starmamba.demo import DemoConfig, run_demo
-
     run_demo(tyro.cli(DemoConfig, args=argv, prog="starmamba demo", use_underscores=True))
 
 
 def cmd_ablate(argv: list[str]) -> None:
-    from starmamba.ablate import AblateConfig, run_ablation
-
     run_ablation(tyro.cli(AblateConfig, args=argv, prog="starmamba ablate", use_underscores=True))
 
 

@@ -17,6 +17,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from starmamba.models.hub import IMAGENET_MEAN, IMAGENET_STD
+
 Split = Literal["train", "val"]
 
 FASHION_MNIST_DIR_ENV = "STARMAMBA_FASHION_MNIST"
@@ -32,8 +34,6 @@ _FASHION_MNIST_FILES = {
 IDX_IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm"})
 # What PIL raises for a corrupt, truncated or absurdly large file.
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from starmamba.config import check_choice, check_fraction, check_positive
+from starmamba.checks import check_choice, check_fraction, check_positive
 from starmamba.models.features import OutputFormat, feature_take_indices
 from starmamba.models.hub import HubMixin
 from starmamba.models.mixer import MambaMixer, scan_orders
 from starmamba.models.pos_embed import sincos_2d
+from starmamba.models.registry import register
 
 ClassToken = Literal["tail", "middle", "none"]
 
@@ -36,6 +37,12 @@ class BackboneConfig:
     expand: int = 1
     drop_path: float = 0.0
     learnable_pos_embed: bool = True
+
+    @staticmethod
+    def saved_options(options: dict) -> dict:
+        """Options read back from a file (a run's config, weights metadata, a Hub folder), completed for
+        fields added since it was written with the value the file's version used."""
+        return options
 
     def __post_init__(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "dim", "depth", "d_state", "d_conv", "expand"):
@@ -216,6 +223,7 @@ class AroundEncoder(nn.Module, HubMixin):
         return {"stem": f"^(?:{stem})", "blocks": r"^encoder\.blocks\.(\d+)\.", "head": f"^(?!{head})"}
 
 
+@register("mambamlp", ClassifierConfig)
 class MambaMLPClassifier(AroundEncoder):
     """MambaMLP image classifier: (B, C, H, W) -> logits (B, num_classes).
 
@@ -303,6 +311,11 @@ class MambaMLPClassifier(AroundEncoder):
         if self.cls_index is None:
             return x
         return torch.cat([x[:, : self.cls_index], x[:, self.cls_index + 1 :]], dim=1)
+
+    def pooled_features(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, dim): the mean of the patch tokens after the final norm (the class token,
+        if any, left out whatever the readout, so that every checkpoint is probed alike)."""
+        return self.patch_tokens(self.forward_features(images)).mean(dim=1)
 
     def forward_intermediates(
         self,

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from starmamba.models.backbone import MambaMLPClassifier
 from starmamba.models.pos_embed import resize_pos_embed
+from starmamba.models.weights import problems_line
 
 _DIRECTION_KEY = re.compile(r"(blocks\.\d+\.mixer\.directions\.)(\d+)(\..+)")
 
@@ -46,11 +47,7 @@ def classifier_state_from_pretrained(state: dict[str, Tensor], classifier: Mamba
         merged[key] = value.to(current.dtype)
         used.add(origin)
     unused = sorted(set(source) - used)
-    if missing or unused or mismatched:
-        problems = [
-            f"{label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
-            for label, items in (("missing", missing), ("unused", unused), ("shape mismatch", mismatched))
-            if items
-        ]
-        raise ValueError("pretrained encoder does not fit this classifier; " + "; ".join(problems))
+    problems = problems_line({"missing": missing, "unused": unused, "shape mismatches": mismatched})
+    if problems:
+        raise ValueError("pretrained encoder does not fit this classifier; " + problems)
     return merged

@@ -21,7 +21,18 @@ from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from starmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from starmamba.models.registry import (
+    MODEL_CLASSES,
+    build_model,
+    model_name,
+    saved_model_config,
+    split_name,
+)
+from starmamba.models.weights import misfits
+
+# ImageNet's per-channel statistics (data/datasets.py gives them to ImageFolder data sets).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # What describes the weights unless a folder (or a run's export) says otherwise: ImageNet's
 # statistics and the evaluation crop of this library's finetuning recipe.
@@ -64,9 +75,6 @@ class HubMixin(
     def pretrained_cfg(self) -> dict[str, Any]:
         """timm's pretrained config: the data config (input size, mean/std, crop_pct, interpolation,
         crop_mode) of these weights and the model's ``architecture``, ``num_classes``, first conv, head."""
-        # Imported here: the registry imports the model classes, which import this module.
-        from starmamba.models.registry import model_name
-
         stored = self.__dict__.get("_pretrained_cfg", {})
         derived = {
             "input_size": (self.cfg.in_chans, self.cfg.img_size, self.cfg.img_size),
@@ -123,8 +131,6 @@ class HubMixin(
         ``architecture``, when given (``create_model`` passes its name), must be the folder's.
         ``num_classes`` different from the folder's loads the weights, then resets the head.
         """
-        from starmamba.models.registry import MODEL_CLASSES, build_model, model_config, split_name
-
         where = f"{model_id}/{constants.CONFIG_NAME}"
         if config is None:
             raise FileNotFoundError(f"{model_id} has no {constants.CONFIG_NAME}: not a folder from save_pretrained")
@@ -138,7 +144,7 @@ class HubMixin(
         num_classes = overrides.pop("num_classes", None)
         try:
             model_type = MODEL_CLASSES[split_name(held)[0]]
-            model_cfg = model_config(held, **{**config["model_args"], **overrides})
+            model_cfg = saved_model_config(held, {**config["model_args"], **overrides})
         except (TypeError, ValueError) as error:
             raise ValueError(f"{where}: {error}") from error
         if not issubclass(model_type, cls):
@@ -147,13 +153,13 @@ class HubMixin(
                 f"{model_type.__name__}.from_pretrained or starmamba.create_model({held!r}, pretrained=...)"
             )
         model = build_model(model_cfg)
-        weights = _weights_file(model_id, revision, cache_dir, force_download, local_files_only, token)
+        weights = _hub_weights_file(model_id, revision, cache_dir, force_download, local_files_only, token)
         try:
             with safe_open(weights, "pt") as file:
                 shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as error:
             raise ValueError(f"cannot read {weights} (truncated or not safetensors?): {error}") from error
-        problems = _misfits(shapes, model)
+        problems = misfits(shapes, model)
         if problems:
             raise ValueError(f"the weights in {weights} do not fit {held} as {where} describes it; {problems}")
         load_model(model, weights, strict=True, device=str(map_location))
@@ -163,26 +169,7 @@ class HubMixin(
         return model.eval()
 
 
-def _misfits(shapes: dict[str, tuple[int, ...]], model: torch.nn.Module) -> str:
-    """Missing, unexpected and wrongly shaped weights, summed up in a line ('' when they fit)."""
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    groups = {
-        "missing": sorted(expected.keys() - shapes.keys()),
-        "unexpected": sorted(shapes.keys() - expected.keys()),
-        "shape mismatch": [
-            f"{key}: {shapes[key]} vs {expected[key]}"
-            for key in sorted(expected.keys() & shapes.keys())
-            if shapes[key] != expected[key]
-        ],
-    }
-    return "; ".join(
-        f"{label} ({len(items)}): {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
-        for label, items in groups.items()
-        if items
-    )
-
-
-def _weights_file(
+def _hub_weights_file(
     model_id: str,
     revision: str | None,
     cache_dir: str | Path | None,

@@ -1,16 +1,18 @@
-"""Named presets: ``mambamlp_*`` classifiers (224 px, 4 scans) and ``star_*`` pretraining models (192 px)."""
+"""Named presets: ``mambamlp_*`` classifiers (224 px, 4 scans) and ``star_*`` pretraining models (192 px).
+
+Each family's model class registers itself here (:func:`register`), so that this module imports no
+model and every model module (and the Hub mixin) may use it: the one place a family is looked up.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from torch import nn
-
-from starmamba.models.backbone import ClassifierConfig, MambaMLPClassifier
-from starmamba.models.star import StarConfig, StarPretrainer
 
 Size = Literal["tiny", "small", "base", "large", "huge"]
 # (width, depth). Base, Large and Huge are ARM's; Tiny and Small are this project's own.
@@ -21,8 +23,28 @@ SIZES: dict[str, tuple[int, int]] = {
     "large": (1024, 24),
     "huge": (1536, 24),
 }
-FAMILIES = {"mambamlp": ClassifierConfig, "star": StarConfig}
-MODEL_CLASSES = {"mambamlp": MambaMLPClassifier, "star": StarPretrainer}
+# family -> its config dataclass and its model class, filled by @register (models/backbone.py, models/star.py).
+FAMILIES: dict[str, type] = {}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {}
+ModelConfig = Any  # the config dataclass of a registered family (ClassifierConfig, StarConfig)
+
+
+def register(family: str, config_type: type) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: the model class of ``family``, built from a ``config_type``."""
+
+    def add(model_class: type[nn.Module]) -> type[nn.Module]:
+        FAMILIES[family], MODEL_CLASSES[family] = config_type, model_class
+        return model_class
+
+    return add
+
+
+def family_of(config: ModelConfig) -> str:
+    """The family (``"mambamlp"``, ``"star"``) whose config ``config`` is."""
+    for family, config_type in FAMILIES.items():
+        if type(config) is config_type:
+            return family
+    raise TypeError(f"{type(config).__name__} is not the config of a model family ({', '.join(FAMILIES)})")
 
 
 def list_models() -> list[str]:
@@ -40,15 +62,15 @@ def split_name(name: str) -> tuple[str, str]:
     return family, size
 
 
-def model_name(config: ClassifierConfig | StarConfig) -> str:
+def model_name(config: ModelConfig) -> str:
     """The preset a config is closest to: its family and the size of its width and depth (the nearest
     width, then depth, when it matches none); the config's own fields say the rest."""
-    family = next(family for family, config_type in FAMILIES.items() if type(config) is config_type)
+    family = family_of(config)
     size = min(SIZES, key=lambda s: (abs(SIZES[s][0] - config.dim), abs(SIZES[s][1] - config.depth)))
     return f"{family}_{size}"
 
 
-def model_config(name: str, **overrides) -> ClassifierConfig | StarConfig:
+def model_config(name: str, **overrides) -> ModelConfig:
     """The config of preset ``name`` with ``overrides`` applied (validated)."""
     family, size = split_name(name)
     config_type = FAMILIES[family]
@@ -60,9 +82,14 @@ def model_config(name: str, **overrides) -> ClassifierConfig | StarConfig:
     return config_type(**{"dim": dim, "depth": depth, **overrides})
 
 
-def build_model(config: ClassifierConfig | StarConfig) -> nn.Module:
+def saved_model_config(name: str, options: dict) -> ModelConfig:
+    """:func:`model_config` of options a file saved, completed as the file's version meant them."""
+    return model_config(name, **FAMILIES[split_name(name)[0]].saved_options(options))
+
+
+def build_model(config: ModelConfig) -> nn.Module:
     """The model a config describes."""
-    return StarPretrainer(config) if isinstance(config, StarConfig) else MambaMLPClassifier(config)
+    return MODEL_CLASSES[family_of(config)](config)
 
 
 def create_model(name: str, pretrained: str | Path | None = None, **overrides) -> nn.Module:

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from starmamba.config import check_positive
+from starmamba.checks import check_positive
 from starmamba.models.backbone import AroundEncoder, BackboneConfig, MambaMLP
 from starmamba.models.decoder import Decoder
-from starmamba.models.pos_embed import sincos_2d
-from starmamba.sequence import (
+from starmamba.models.layout import (
     TARGET_GROUPS,
     DecoderContext,
     SeparatorPosition,
@@ -20,6 +20,8 @@ from starmamba.sequence import (
     SeparatorValue,
     SequenceLayout,
 )
+from starmamba.models.pos_embed import sincos_2d
+from starmamba.models.registry import register
 
 
 @dataclass
@@ -67,6 +69,12 @@ class StarConfig(BackboneConfig):
                 f"layer) among 1..{self.depth}"
             )
         _ = self.layout  # builds and so validates the sequence geometry
+
+    @staticmethod
+    def saved_options(options: dict) -> dict:
+        """Options read back from a file: one written before ``decoder_context`` existed describes a
+        model trained with the "sequence" context."""
+        return options if "decoder_context" in options else {**options, "decoder_context": "sequence"}
 
     @property
     def layout(self) -> SequenceLayout:
@@ -124,6 +132,7 @@ def normalize_patches(patches: Tensor, eps: float = 1e-6) -> Tensor:
     return (patches - mean) / (var + eps).sqrt()
 
 
+@register("star", StarConfig)
 class StarPretrainer(AroundEncoder):
     """Pretraining model. ``forward(images)`` with images (B*N, C, H, W) or (B, N, C, H, W), N images
     per sequence, returns a :class:`StarOutput` whose loss is the MSE over every predicted token."""
@@ -163,9 +172,9 @@ class StarPretrainer(AroundEncoder):
         query_pos = torch.where(layout.query_patch < 0, patches, layout.query_patch)
         self.register_buffer("query_pos_index", query_pos, persistent=False)
         self.register_buffer("decoder_mask", layout.decoder_mask, persistent=False)
-        present = sorted(set(layout.query_group.tolist()))
-        self.target_groups = tuple(TARGET_GROUPS[g] for g in present)
-        members = (layout.query_group[:, None] == torch.tensor(present)[None, :]).float()
+        self.target_groups = layout.target_groups
+        present = torch.tensor([TARGET_GROUPS.index(group) for group in self.target_groups])
+        members = (layout.query_group[:, None] == present[None, :]).float()
         self.register_buffer("group_weights", members / members.sum(0), persistent=False)
 
     @cached_property
@@ -206,6 +215,23 @@ class StarPretrainer(AroundEncoder):
         _, features = self.encoder(tokens, None, keep=self.cfg.levels)
         features = [norm(f) for norm, f in zip(self.feature_norms, features, strict=True)]
         return list(self.enc2dec(torch.cat(features, dim=-1)).chunk(len(features), dim=-1))
+
+    def pooled_features(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, dim): each image read alone as in pretraining, the mean of its patch tokens.
+
+        One causal scan over the image's clusters in pretraining order, its separator unit where the
+        first image of a sequence has it (the separator is what every image followed in training, and
+        the first image's state starts from zero as here). Each token is layer-normalised; separator
+        tokens are left out of the mean. The mean, not the last token: the last cluster was trained to
+        predict what follows the image, while every patch token holds its own patch and what preceded it.
+        """
+        tokens = self.encoder.embed(images)
+        if self.cfg.separator != "none":
+            tokens = torch.cat([tokens, self.separator_tokens().expand(len(images), -1, -1)], dim=1)
+        layout = self.layout
+        out, _ = self.encoder(tokens.index_select(1, layout.image_index.to(tokens.device)), None)
+        out = F.layer_norm(out[:, layout.image_is_patch.to(out.device)].float(), (out.shape[-1],))
+        return out.mean(dim=1)
 
     def decode(self, memories: list[Tensor]) -> Tensor:
         """Memories -> pixel predictions (B, num_queries, patch*patch*C)."""

@@ -18,17 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from starmamba.errors import load_error_reason
 from starmamba.files import atomic_write, fsync, new_file_mode, temp_name, write_text
+from starmamba.models.weights import load_weights
 
 FORMAT = "starmamba"
 POINTER = "latest"
 _STEP_DIR = re.compile(r"step-(\d+)")
-_SHOWN = 5  # keys listed per kind of problem in check_compatible's message
 
 
 def save_checkpoint(
@@ -99,26 +98,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, Tensor], dict]:
-    """The state_dict and metadata of a checkpoint directory (its model) or a ``.safetensors`` file.
-
-    The metadata's ``"config"`` is decoded from JSON; files written elsewhere may have no metadata.
-    """
-    path = Path(path)
-    file = path / "model.safetensors" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"no weights at {file}")
-    try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            metadata: dict[str, Any] = dict(f.metadata() or {})
-            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        if "config" in metadata:
-            metadata["config"] = json.loads(metadata["config"])
-    except (SafetensorError, json.JSONDecodeError) as err:
-        raise ValueError(f"{file} is truncated or not a safetensors file ({load_error_reason(err)})") from None
-    return state, metadata
-
-
 def load_training_state(checkpoint_dir: str | Path) -> dict:
     """The training state of a checkpoint directory, its tensors on the CPU."""
     checkpoint_dir = Path(checkpoint_dir)
@@ -162,29 +141,6 @@ def checkpoint_step(path: str | Path) -> int:
     if match is None:
         raise ValueError(f"{path} is not named like a checkpoint directory (step-<number>)")
     return int(match[1])
-
-
-def check_compatible(state_dict: dict[str, Tensor], model: nn.Module, *, source: str) -> None:
-    """Raise a ValueError naming ``source`` unless ``state_dict`` fits ``model``: same keys, same shapes."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict]
-    unexpected = [key for key in state_dict if key not in expected]
-    mismatched = [
-        f"{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state_dict and state_dict[key].shape != value.shape
-    ]
-    problems = [
-        _listing(what, keys)
-        for what, keys in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches (checkpoint vs model)", mismatched),
-        )
-        if keys
-    ]
-    if problems:
-        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
 
 
 def export_weights(
@@ -234,11 +190,6 @@ def _prune(root: Path, global_step: int, keep_last: int) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-
-
-def _listing(what: str, keys: list[str]) -> str:
-    more = f", ... ({len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else ""
-    return f"{len(keys)} {what}: " + ", ".join(keys[:_SHOWN]) + more
 
 
 def _check_plain(value: Any, where: str) -> None:

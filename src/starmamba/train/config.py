@@ -1,4 +1,5 @@
-"""Typed configs of the three jobs (pretrain, finetune, evaluate), their presets, and config files.
+"""Typed configs of the three jobs (pretrain, finetune, evaluate), and config files (named presets:
+:mod:`starmamba.experiments.recipes`).
 
 Defaults are the paper's recipes (section 4.1, with ARM's choices where the paper is silent); flag
 names follow MAE/ARM (``--blr``, ``--accum_iter``, ``--layer_decay``, ...). The model's own options
@@ -11,15 +12,14 @@ import dataclasses
 import json
 import os
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import tyro
 from typeguard import TypeCheckError, check_type
 
-from starmamba.config import check_choice, check_fraction, check_positive
+from starmamba.checks import check_choice, check_fraction, check_positive
 from starmamba.data.datasets import MAX_UNREADABLE
 from starmamba.models import ClassifierConfig, StarConfig, model_config
 
@@ -267,64 +267,6 @@ class EvaluateConfig:
             check_choice("eval_resize", self.eval_resize, EvalResize)
 
 
-def _fashion_mnist_star() -> PretrainConfig:
-    # The paper's geometry scaled to 28 px clothes: 48 px, patch 4 -> 12 x 12 patches,
-    # clusters of 4 x 4 patches -> 3 x 3 clusters, 160 tokens per image, 8 images per sequence.
-    arch = model_config("star_tiny", img_size=48, patch_size=4, dim=96, depth=6, decoder_dim=128, decoder_head_dim=32)
-    return PretrainConfig(
-        model="star_tiny", arch=arch, batch_size=64, epochs=2, warmup_epochs=0.2, blr=1.5e-3, num_workers=1,
-        output_dir="runs/fashion_mnist/pretrain",
-    )  # fmt: skip
-
-
-def _fashion_mnist_classifier() -> FinetuneConfig:
-    # The recipe of starmamba.experiments at the 48 px geometry: on 60k small grey images the
-    # ImageNet-strength regularisation (RandAugment, Mixup/CutMix, erasing, 8% crops) kept a run at
-    # chance for its first 70 steps, so it is left out, crops keep at least 60% of an image, the
-    # warmup is short (about 50 steps) and the EMA's horizon (500 steps) is half an epoch.
-    # Layer decay 0.75 is for the encoder of `pretrain --preset fashion_mnist`; from scratch pass
-    # --layer_decay 1.0 (it only slows the lower layers of an untrained encoder).
-    arch = model_config("mambamlp_tiny", img_size=48, patch_size=4, dim=96, depth=6, drop_path=0.1, num_classes=10)
-    return FinetuneConfig(
-        model="mambamlp_tiny", arch=arch, batch_size=64, epochs=2, warmup_epochs=0.05, blr=8e-3,
-        layer_decay=0.75, ema_decay=0.998, mixup=0.0, cutmix=0.0, aa="", reprob=0.0, min_crop_scale=0.6,
-        crop_pct=1.0, num_workers=1, output_dir="runs/fashion_mnist/finetune",
-    )  # fmt: skip
-
-
-PRESETS: dict[str, dict[str, Callable[[], Any]]] = {
-    "pretrain": {
-        "star_base_in1k_300ep": lambda: PretrainConfig(epochs=300),
-        "star_base_in1k_1600ep": lambda: PretrainConfig(epochs=1600),
-        "star_large_in1k_300ep": lambda: PretrainConfig(
-            model="star_large", arch=model_config("star_large"), batch_size=128, accum_iter=2
-        ),
-        "arm_base_in1k": lambda: PretrainConfig(
-            arch=model_config("star_base", images_per_sequence=1, separator="none"), output_dir="runs/arm"
-        ),
-        "fashion_mnist": _fashion_mnist_star,
-    },
-    "finetune": {
-        "finetune_base_in1k": FinetuneConfig,
-        "finetune_large_in1k": lambda: FinetuneConfig(
-            model="mambamlp_large",
-            arch=model_config("mambamlp_large", drop_path=0.3),
-            batch_size=32,
-            accum_iter=4,
-            layer_decay=0.75,
-        ),
-        "fashion_mnist": _fashion_mnist_classifier,
-    },
-}
-
-
-def preset(job: str, name: str):
-    """The config of preset ``name`` for ``job`` ('pretrain' or 'finetune')."""
-    if name not in PRESETS[job]:
-        raise ValueError(f"unknown {job} preset {name!r}; choose one of {', '.join(PRESETS[job])}")
-    return PRESETS[job][name]()
-
-
 def to_dict(config) -> dict:
     """A JSON-ready dict of a config (nested dataclasses become dicts)."""
     return json.loads(json.dumps(dataclasses.asdict(config)))
@@ -380,7 +322,8 @@ def load_config_file(path: str | Path, config_type: type, base):
     values.pop("overwrite", None)
     merged = to_dict(base)
     if isinstance(values.get("arch"), dict):
-        values["arch"] = {**merged["arch"], **values["arch"]}
+        arch_type = StarConfig if config_type is PretrainConfig else ClassifierConfig
+        values["arch"] = {**merged["arch"], **arch_type.saved_options(values["arch"])}
     merged.update(values)
     try:
         return from_dict(config_type, merged)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from starmamba.train.config import RunConfig
-from starmamba.train.distributed import Processes, TrainSampler, all_reduce_sum
+from starmamba.train.distributed import Processes, TrainSampler, all_reduce_sum, autocast
 from starmamba.train.ema import ModelEma
 from starmamba.train.optim import build_adamw
 from starmamba.train.schedule import effective_lr, lr_at, set_lr
@@ -67,13 +67,6 @@ class Task(Protocol):
 def step_seed(seed: int, rank: int, micro_step: int) -> int:
     """A seed per process and micro-batch, so that resuming needs no random state but the position."""
     return (seed * 1_000_003 + rank * 10_007 + micro_step) % (2**63)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (as ARM trains), full fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass

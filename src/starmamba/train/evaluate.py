@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from starmamba.data import Augmented, EvalTransform, build_dataset
+from starmamba.models.loading import load_classifier
 from starmamba.train.config import EvaluateConfig, check_rgb
-from starmamba.train.distributed import Processes, ShardSampler, all_reduce_sum, joined
-from starmamba.train.loading import load_classifier
+from starmamba.train.distributed import Processes, ShardSampler, all_reduce_sum, autocast, joined
+from starmamba.train.eval_setup import eval_options
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, processes: Processes) -> DataLoader:
@@ -31,7 +29,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             logits = model(images)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -46,26 +44,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
     return {"acc1": 100 * correct1 / count, "acc5": 100 * correct5 / count, "val_loss": loss / count}
 
 
-def run_eval_options(checkpoint: Path) -> dict:
-    """How the finetuning run evaluated, read from the config.json beside its weights.
-
-    ``{"crop_pct", "resize"}``; without a config.json (e.g. ARM's .pth): ARM's 0.875 and 'square'.
-    Runs written before ``eval_resize`` existed resized the shorter side.
-    """
-    config = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.json"
-    if not config.is_file():
-        return {"crop_pct": 0.875, "resize": "square"}
-    saved = json.loads(config.read_text())
-    return {"crop_pct": float(saved.get("crop_pct", 0.875)), "resize": saved.get("eval_resize", "shorter")}
-
-
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
     """Load a classifier checkpoint (ours or ARM's) and print its top-1 / top-5 on the validation split
-    (with ``--probe``, the top-1 of a probe on its frozen features: :func:`starmamba.train.probe.run_probe`)."""
+    (``--probe`` is :func:`starmamba.train.probe.run_probe`'s)."""
     if cfg.probe != "none":
-        from starmamba.train.probe import run_probe
-
-        return run_probe(cfg)
+        raise ValueError(f"probe={cfg.probe!r}: run_evaluate measures the classifier itself; probes are run_probe's")
     with joined(cfg.device) as processes:
         model, description = load_classifier(cfg.checkpoint, ema=cfg.ema)
         check_rgb(model.cfg)
@@ -75,10 +58,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
                 f"{cfg.checkpoint} classifies {model.cfg.num_classes} classes but {cfg.data_path} has "
                 f"{dataset.info.num_classes}"
             )
-        options = run_eval_options(Path(cfg.checkpoint))
-        options |= {"crop_pct": cfg.crop_pct} if cfg.crop_pct is not None else {}
-        options |= {"resize": cfg.eval_resize} if cfg.eval_resize is not None else {}
-        transform = EvalTransform(model.cfg.img_size, dataset.info.mean, dataset.info.std, **options)
+        transform = EvalTransform(model.cfg.img_size, dataset.info.mean, dataset.info.std, **eval_options(cfg))
         loader = eval_loader(Augmented(dataset, transform), cfg.batch_size, cfg.num_workers, processes)
         result = evaluate(model.to(processes.device), loader, processes.device)
         skipped = int(all_reduce_sum(torch.tensor([getattr(dataset, "num_skipped", 0)], dtype=torch.float64)).item())

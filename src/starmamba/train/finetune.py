@@ -14,12 +14,12 @@ from starmamba.data.mixup import soft_target_cross_entropy
 from starmamba.data.subsets import labels_per_class_subset
 from starmamba.models import MambaMLPClassifier, build_model
 from starmamba.models.convert import classifier_state_from_pretrained
+from starmamba.models.loading import load_pretrained_state
 from starmamba.train.config import FinetuneConfig
 from starmamba.train.distributed import Processes
 from starmamba.train.engine import TrainState
 from starmamba.train.evaluate import eval_loader, evaluate
 from starmamba.train.job import run_job
-from starmamba.train.loading import load_pretrained_state
 
 
 def build_classifier(cfg: FinetuneConfig) -> MambaMLPClassifier:

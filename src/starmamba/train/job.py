@@ -267,7 +267,7 @@ class RunOutput:
         The weights' metadata keeps the preset as ``model``: with the saved config (which holds the real
         width and depth) it is what rebuilds the model; ``description`` holds this name.
         """
-        self.description = model_name(self.config.model, self.config.arch)
+        self.description = model_title(self.config.model, self.config.arch)
         count = sum(p.numel() for p in model.parameters()) / 1e6
         self.title = f"{self.description}: {count:.2f}M"
 
@@ -323,7 +323,7 @@ class RunOutput:
         )
 
 
-def model_name(preset: str, arch: Any) -> str:
+def model_title(preset: str, arch: Any) -> str:
     """``preset`` if the architecture has its width and depth, else the family with them: ``star (dim 96, depth 6)``."""
     family, _, size = preset.partition("_")
     if SIZES.get(size) == (arch.dim, arch.depth):

@@ -36,6 +36,7 @@ def curves_figure(records: list[dict], title: str = ""):
     Series of few points get markers (a short run's handful of points reads as points, not a
     stray segment), and step and epoch axes have whole-number ticks.
     """
+    # Imported here, as in every drawing function: matplotlib is slow to import and only drawing needs it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator

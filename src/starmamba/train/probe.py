@@ -1,20 +1,13 @@
 """Frozen-feature probes: cosine k-NN (DINO's weighted vote) and a linear classifier on pooled features.
 
-What is pooled: the mean of one image's patch tokens after the last block, each token
-layer-normalised. For a finetuned classifier that is its final norm and its default readout (the
-class token, if any, is left out whatever its readout, so that every checkpoint is probed alike);
-for a pretrained STAR/ARM encoder it is the encoder as it was trained: one causal scan over the
-image's clusters in pretraining order, with the separator unit in front exactly as the first image
-of a pretraining sequence sees it (the separator is what every image followed in training, and the
-first image's state starts from zero as here), separator tokens left out of the mean. The mean,
-not the last token: the last cluster was trained to predict what follows the image (STAR: the next
-separator; ARM never feeds it), while every patch token holds its own patch and what preceded it.
-It is also the classifier's default readout (ARM's ``--global_pool``), so probe and finetune read the same thing.
+What is pooled is the model's ``pooled_features``: the mean of one image's layer-normalised patch
+tokens after the last block, for a pretrained STAR/ARM encoder read as in pretraining
+(:meth:`StarPretrainer.pooled_features`). It is also the classifier's default readout (ARM's
+``--global_pool``), so probe and finetune read the same thing.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -23,51 +16,22 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from starmamba.data import Augmented, EvalTransform, build_dataset
-from starmamba.models.backbone import MambaMLPClassifier
-from starmamba.models.star import StarPretrainer
+from starmamba.models.loading import load_probe_model
 from starmamba.train.config import EvaluateConfig, check_rgb
-from starmamba.train.distributed import resolve_device
-from starmamba.train.evaluate import run_eval_options
-from starmamba.train.loading import load_probe_model
+from starmamba.train.distributed import autocast, resolve_device
+from starmamba.train.eval_setup import eval_options
 
 Probe = Literal["knn", "linear"]
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
 
 
-def image_token_order(model: StarPretrainer) -> tuple[Tensor, Tensor]:
-    """For one image: (bank index of every token in pretraining order, mask of its patch tokens).
-
-    The bank is the image's patches (row-major) followed by the separator tokens.
-    """
-    layout = model.cfg.layout
-    patches = layout.patches_per_image
-    index, is_patch = [], []
-    for unit in (u for u in layout.units if u.image == 0):
-        if unit.kind == "separator":
-            index += range(patches, patches + unit.num_tokens)
-            is_patch += [False] * unit.num_tokens
-        else:
-            index += layout.cluster_patches(unit.cluster)
-            is_patch += [True] * unit.num_tokens
-    return torch.tensor(index), torch.tensor(is_patch)
-
-
 @torch.no_grad()
 def pooled_features(model: nn.Module, images: Tensor) -> Tensor:
     """(B, C, H, W) -> (B, dim) features of a classifier or of a STAR/ARM pretrainer's encoder."""
-    if isinstance(model, MambaMLPClassifier):
-        tokens = model.patch_tokens(model.forward_features(images))
-        return tokens.mean(dim=1)
-    if not isinstance(model, StarPretrainer):
+    if not hasattr(model, "pooled_features"):
         raise TypeError(f"cannot probe a {type(model).__name__}: pass a MambaMLPClassifier or a StarPretrainer")
-    tokens = model.encoder.embed(images)
-    if model.cfg.separator != "none":
-        tokens = torch.cat([tokens, model.separator_tokens().expand(len(images), -1, -1)], dim=1)
-    index, is_patch = image_token_order(model)
-    out, _ = model.encoder(tokens.index_select(1, index.to(tokens.device)), None)
-    out = F.layer_norm(out[:, is_patch.to(out.device)].float(), (out.shape[-1],))
-    return out.mean(dim=1)
+    return model.pooled_features(images)
 
 
 @torch.no_grad()
@@ -76,7 +40,7 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device)
     model.eval()
     features, labels = [], []
     for images, targets in loader:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             features.append(pooled_features(model, images.to(device)).float())
         labels.append(targets)
     if not features:
@@ -188,11 +152,10 @@ def run_probe(cfg: EvaluateConfig) -> dict:
     """``starmamba evaluate --probe``: load a classifier or pretraining checkpoint, print the probe's top-1."""
     model, description = load_probe_model(cfg.checkpoint, ema=cfg.ema)
     check_rgb(model.cfg)
-    options = run_eval_options(Path(cfg.checkpoint))
+    options = eval_options(cfg)
     result = probe_model(
         model, cfg.data_path, cfg.probe, resolve_device(cfg.device),
-        crop_pct=cfg.crop_pct if cfg.crop_pct is not None else options["crop_pct"],
-        resize=cfg.eval_resize if cfg.eval_resize is not None else options["resize"], batch_size=cfg.batch_size,
+        crop_pct=options["crop_pct"], resize=options["resize"], batch_size=cfg.batch_size,
         num_workers=cfg.num_workers, limit_train=cfg.limit_train, limit_val=cfg.limit_val, k=cfg.knn_k,
         temperature=cfg.knn_temperature,
     )  # fmt: skip

@@ -26,6 +26,7 @@ patches row-major) followed by the ``T`` tokens of one separator unit.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from starmamba.config import check_choice
+from starmamba.checks import check_choice
 
 SeparatorType = Literal["none", "token", "cluster"]
 SeparatorValue = Literal["zeros", "ones", "embedding", "identity"]
@@ -267,16 +268,33 @@ class SequenceLayout:
         keys = torch.arange(self.num_tokens)[None, :]
         return (keys >= low[:, None]) & (keys < high[:, None])
 
+    def target_group(self, unit: Unit) -> TargetGroup:
+        """A target's group: a separator, the first cluster of an image (cluster 0: every position keeps
+        the clusters in order), or another cluster."""
+        return "separator" if unit.kind == "separator" else "first_cluster" if unit.cluster == 0 else "cluster"
+
+    @cached_property
+    def target_groups(self) -> tuple[TargetGroup, ...]:
+        """The groups this layout's targets fall in, in ``TARGET_GROUPS`` order."""
+        present = {self.target_group(unit) for unit in self._targets}
+        return tuple(group for group in TARGET_GROUPS if group in present)
+
     @cached_property
     def query_group(self) -> Tensor:
-        """(num_queries,) index into ``TARGET_GROUPS`` of every query's target: a separator, the first
-        cluster of an image (cluster 0: every position keeps the clusters in order), or another cluster."""
+        """(num_queries,) index into ``TARGET_GROUPS`` of every query's :meth:`target_group`."""
+        return _per_token(self._targets, lambda u: [TARGET_GROUPS.index(self.target_group(u))] * u.num_tokens)
 
-        def group(unit: Unit) -> list[int]:
-            name = "separator" if unit.kind == "separator" else "first_cluster" if unit.cluster == 0 else "cluster"
-            return [TARGET_GROUPS.index(name)] * unit.num_tokens
+    @cached_property
+    def image_index(self) -> Tensor:
+        """(tokens_per_image,) one image's block read alone, as the first image of a sequence reads it: the
+        index of every token in a one-image bank (the image's patches row-major, then one separator unit)."""
+        one_image = dataclasses.replace(self, images_per_sequence=1)
+        return _per_token(self._image_block(0), one_image._unit_bank_index)
 
-        return _per_token(self._targets, group)
+    @cached_property
+    def image_is_patch(self) -> Tensor:
+        """(tokens_per_image,) bool: which tokens of :attr:`image_index` are patches (not separator)."""
+        return _per_token(self._image_block(0), self._unit_patch_index) >= 0
 
     @cached_property
     def separator_pattern(self) -> Tensor:

@@ -13,29 +13,33 @@ and the reconstructions.
 from __future__ import annotations
 
 import shutil
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from starmamba.config import check_positive
-from starmamba.experiments import (
+from starmamba import ops
+from starmamba.checks import check_positive
+from starmamba.data import build_dataset
+from starmamba.experiments import reports
+from starmamba.experiments.recipes import (
+    ARM,
+    DEMO_BUDGET,
+    DEMO_PRETRAIN_BUDGET,
     EPOCHS,
+    WITHOUT_EMA,
     Scale,
     all_labels_options,
-    finetune,
-    knn_probe,
     low_label_options,
-    pretrain,
-    run_tasks,
 )
+from starmamba.experiments.runs import finetune, knn_probe, pretrain, run_tasks
+from starmamba.experiments.tables import cell, markdown_table, mean_std
 from starmamba.files import write_json
 from starmamba.models import StarConfig
 from starmamba.train.config import DataPath
 
 METHODS = {
     "STAR": {},  # the paper's defaults: identity separator clusters before each image, 8 images
-    "ARM": {"images_per_sequence": 1, "separator": "none"},
+    "ARM": ARM,
     "from scratch": None,
 }
 METRICS = {
@@ -44,12 +48,6 @@ METRICS = {
     "acc1": "full-label finetune top-1",
 }
 COMPARISONS = (("STAR", "ARM"), ("STAR", "from scratch"), ("ARM", "from scratch"))
-DEMO_BUDGET = 0.4
-DEMO_PRETRAIN_BUDGET = 1.5
-# The demo reports the finetuned weights' own top-1; an EMA copy would double each finetuning's
-# evaluation (the whole test set; the copy's half was about a quarter of the demo's time at its
-# default budget) for a number it does not report. The training is the same with or without it.
-WITHOUT_EMA = {"ema_decay": None}
 
 
 @dataclass
@@ -98,8 +96,6 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> list[dict]:
     """Every (method, seed) run; writes the report. Rows are in method order, then seed order."""
-    from starmamba.data import build_dataset
-
     out = Path(cfg.out)
     runs = out / "runs"
     if runs.exists():
@@ -131,9 +127,7 @@ def _run_method(
 ) -> dict:
     """One method with one seed: pretrain (unless "from scratch"), probe, finetune with few labels (``low_label``
     overrides; skipped when None) and with all labels (``all_labels`` overrides)."""
-    from starmamba.ops import warm_up
-
-    warm_up()  # the scan kernels' first call compiles them: not part of the first method's pretraining time
+    ops.warm_up()  # the scan kernels' first call compiles them: not part of the first method's pretraining time
     options = METHODS[method]
     steps = "pretrain, probe, finetune" if options is not None else "probe the random encoder, finetune"
     print(f"\n{header}: {steps}", flush=True)
@@ -160,15 +154,12 @@ def summarise(rows: list[dict]) -> dict[str, dict]:
         for metric in (*METRICS, "pretrain_seconds", "pretrain_ms_per_image"):
             values = [row[metric] for row in mine if row[metric] is not None]
             if values:
-                std = statistics.stdev(values) if len(values) > 1 else None
-                summary[method][metric] = {"mean": statistics.fmean(values), "std": std, "values": values}
+                summary[method][metric] = mean_std(values)
     return summary
 
 
 def comparisons(rows: list[dict]) -> list[dict]:
     """Every comparison of :data:`COMPARISONS` on every metric: the paired per-seed difference and its verdict."""
-    from starmamba.reports import noise_verdict, paired_difference
-
     result = []
     for a, b in COMPARISONS:
         for metric, name in METRICS.items():
@@ -176,40 +167,27 @@ def comparisons(rows: list[dict]) -> list[dict]:
                 continue
             by_seed = {m: {row["seed"]: row[metric] for row in rows if row["method"] == m} for m in (a, b)}
             seeds = sorted(by_seed[a])
-            diff = paired_difference([by_seed[a][s] for s in seeds], [by_seed[b][s] for s in seeds])
+            diff = reports.paired_difference([by_seed[a][s] for s in seeds], [by_seed[b][s] for s in seeds])
             result.append(
-                {"a": a, "b": b, "metric": metric, **diff, "verdict": noise_verdict(f"{a} - {b}", name, diff)}
+                {"a": a, "b": b, "metric": metric, **diff, "verdict": reports.noise_verdict(f"{a} - {b}", name, diff)}
             )
     return result
-
-
-def _cell(stat: dict | None, digits: int = 2) -> str:
-    if stat is None:
-        return "-"
-    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
 
 
 def table_markdown(summary: dict[str, dict], labels_per_class: int | None) -> str:
     metrics = [metric for metric in METRICS if metric != "low_label_acc1" or labels_per_class is not None]
     names = {"knn_acc1": "k-NN probe top-1 (%)", "acc1": "finetune top-1, all labels (%)",
              "low_label_acc1": f"finetune top-1, {labels_per_class} labels/class (%)"}  # fmt: skip
-    lines = [
-        "| method | pretrain time (s) | pretrain ms/image | " + " | ".join(names[m] for m in metrics) + " |",
-        "|---|---:|---:|" + "---:|" * len(metrics),
-    ]
-    for method, stats in summary.items():
-        cells = [
-            _cell(stats.get("pretrain_seconds"), 0),
-            _cell(stats.get("pretrain_ms_per_image"), 1),
-            *(_cell(stats.get(metric)) for metric in metrics),
-        ]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    columns = ["method", "pretrain time (s)", "pretrain ms/image", *(names[m] for m in metrics)]
+    rows = [
+        [method, cell(stats.get("pretrain_seconds"), 0), cell(stats.get("pretrain_ms_per_image"), 1),
+         *(cell(stats.get(metric)) for metric in metrics)]
+        for method, stats in summary.items()
+    ]  # fmt: skip
+    return markdown_table(columns, rows)
 
 
 def write_report(out: Path, rows: list[dict], cfg: DemoConfig, wall: float) -> None:
-    from starmamba.reports import demo_figures
-
     summary = summarise(rows)
     compared = comparisons(rows)
     table = table_markdown(summary, cfg.labels_per_class)
@@ -232,6 +210,6 @@ def write_report(out: Path, rows: list[dict], cfg: DemoConfig, wall: float) -> N
         "finetune_epochs": cfg.finetune_epochs, "labels_per_class": cfg.labels_per_class, "val_images": cfg.val_images,
         "wall_seconds": wall,
     })  # fmt: skip
-    demo_figures([row for row in rows if row["seed"] == cfg.seed], out)
+    reports.demo_figures([row for row in rows if row["seed"] == cfg.seed], out)
     print("\n" + table + "\n\n" + verdicts)
     print(f"\nreport written to {out}/ (table.md, table.json, curves.png, reconstructions.png) in {wall / 60:.1f} min")

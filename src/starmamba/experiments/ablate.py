@@ -18,19 +18,20 @@ each (``starmamba ablate 5 --readout both``: where the class token sits, read or
 from __future__ import annotations
 
 import json
-import statistics
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
 import tyro
 
-from starmamba.experiments import Scale, finetune, knn_probe, pretrain, run_tasks
+from starmamba import ops
+from starmamba.experiments.recipes import ARM, Scale
+from starmamba.experiments.reports import paired_difference
+from starmamba.experiments.runs import finetune, knn_probe, pretrain, run_tasks
+from starmamba.experiments.tables import cell, markdown_table, mean_std
 from starmamba.files import write_json, write_text
 from starmamba.train.config import DataPath
 
-ARM = {"images_per_sequence": 1, "separator": "none"}
 Readout = Literal["mean", "class_token", "both"]
 READOUTS = {"mean": {"global_pool": True}, "class_token": {"global_pool": False}}
 READOUT_NAMES = {"mean": "mean-of-patches readout", "class_token": "class-token readout"}
@@ -135,12 +136,10 @@ def _run_group(
     header: str, scale: Scale, root: str, seed: int, star: dict, classifiers: list[dict], with_finetune: bool = True
 ) -> list[dict]:
     """Pretrain and probe once, finetune every classifier variant (if ``with_finetune``); results in the order given."""
-    from starmamba.ops import warm_up
-
     print(f"\n{header}", flush=True)
     # The first call in a process compiles the scan kernels (later ones take a millisecond), so that no
     # row's pretraining time pays for the compilation.
-    warm_up()
+    ops.warm_up()
     pre = pretrain(scale, Path(root), seed, star)
     probe = knn_probe(scale, Path(root), seed, pre, star)
     return [
@@ -184,23 +183,11 @@ def run_ablation(cfg: AblateConfig) -> dict:
     return report
 
 
-def _mean_std(values: Sequence[float | None]) -> dict | None:
-    if any(value is None for value in values):
-        return None
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": list(values),
-    }
-
-
 def summarise(
     cfg: AblateConfig, title: str, rows: list[Row], per_row: list[list[dict]], random_init: list[dict]
 ) -> dict:  # fmt: skip
     """The table's report: per row its runs and mean ± std per metric, with paired per-seed differences
     from the first row and (k-NN) from the random-initialisation probes ``random_init``, one per seed."""
-    from starmamba.reports import paired_difference
-
     random_knn = [probe["acc1"] for probe in random_init]
 
     entries = []
@@ -209,10 +196,10 @@ def summarise(
         entries.append({
             "label": row.label, "star": row.star, "classifier": row.classifier,
             "paper_ft": row.paper_ft, "paper_ema": row.paper_ema, "paper_hours": row.paper_hours,
-            "knn_acc1": _mean_std([r["probe"]["acc1"] for r in results]),
-            "acc1": _mean_std([f.get("acc1") for f in fine]),
-            "ema_acc1": _mean_std([f.get("ema_acc1") for f in fine]),
-            "pretrain_seconds": _mean_std([r["pre"]["seconds"] for r in results]),
+            "knn_acc1": mean_std([r["probe"]["acc1"] for r in results]),
+            "acc1": mean_std([f.get("acc1") for f in fine]),
+            "ema_acc1": mean_std([f.get("ema_acc1") for f in fine]),
+            "pretrain_seconds": mean_std([r["pre"]["seconds"] for r in results]),
             "runs": [{"pretrain": r["pre"]["output_dir"], "finetune": f.get("output_dir")}
                      for r, f in zip(results, fine, strict=True)],
         })  # fmt: skip
@@ -223,52 +210,33 @@ def summarise(
         entry["knn_acc1_vs_random_init"] = paired_difference(entry["knn_acc1"]["values"], random_knn)
     return {"table": cfg.table, "title": title, "seeds": list(range(cfg.seeds)), "budget": cfg.budget,
             "data_path": cfg.data_path, "val_images": cfg.val_images, "rows": entries,
-            "random_init_knn_acc1": _mean_std(random_knn),
+            "random_init_knn_acc1": mean_std(random_knn),
             "random_init_runs": [probe.get("output_dir") for probe in random_init]}  # fmt: skip
-
-
-def _cell(stat: dict | None) -> str:
-    return "-" if stat is None else f"{stat['mean']:.2f} ± {stat['std']:.2f}"
 
 
 def _paper(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def _difference(diff: dict | None) -> str:
-    if diff is None:
-        return "-"
-    return f"{diff['mean']:+.2f}" + (f" ± {diff['std']:.2f}" if diff["std"] is not None else "")
-
-
 def table_markdown(report: dict) -> str:
     with_time = report["table"] == 3
     first = report["rows"][0]["label"]
-    head = (
-        f"| row | paper FT | paper EMA | ours k-NN top-1 | vs random init | vs {first} | ours top-1 | vs {first} "
-        "| ours EMA top-1 |"
-    )
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    if with_time:
-        head += " paper time (h) | ours pretrain (s) |"
-        rule += "---:|---:|"
-    lines = [
+    columns = ["row", "paper FT", "paper EMA", "ours k-NN top-1", "vs random init", f"vs {first}", "ours top-1",
+               f"vs {first}", "ours EMA top-1"]  # fmt: skip
+    columns += ["paper time (h)", "ours pretrain (s)"] if with_time else []
+    rows = []
+    for e in report["rows"]:
+        row = [e["label"], _paper(e["paper_ft"]), _paper(e["paper_ema"]), cell(e["knn_acc1"]),
+               cell(e["knn_acc1_vs_random_init"], signed=True), cell(e.get("knn_acc1_vs_first"), signed=True),
+               cell(e["acc1"]), cell(e.get("acc1_vs_first"), signed=True), cell(e["ema_acc1"])]  # fmt: skip
+        if with_time:
+            row += [f"{e['paper_hours']:.1f}", f"{e['pretrain_seconds']['mean']:.0f}"]
+        rows.append(row)
+    title = (
         f"**{report['title']}** — paper: ImageNet-1k, MambaMLP-B, 200 epochs. Ours: {report['data_path']}, "
         f"budget {report['budget']}, mean ± std over seeds {report['seeds']}; "
         f"k-NN: cosine k-NN probe (k=20) of the pretrained encoder; 'vs' columns: paired per-seed difference "
         "from the first row, or from the same encoder at random initialisation (k-NN top-1 "
-        f"{_cell(report['random_init_knn_acc1'])}), mean ± std.",
-        "",
-        head,
-        rule,
-    ]
-    for e in report["rows"]:
-        line = (
-            f"| {e['label']} | {_paper(e['paper_ft'])} | {_paper(e['paper_ema'])} | {_cell(e['knn_acc1'])} | "
-            f"{_difference(e['knn_acc1_vs_random_init'])} | {_difference(e.get('knn_acc1_vs_first'))} | "
-            f"{_cell(e['acc1'])} | {_difference(e.get('acc1_vs_first'))} | {_cell(e['ema_acc1'])} |"
-        )
-        if with_time:
-            line += f" {e['paper_hours']:.1f} | {e['pretrain_seconds']['mean']:.0f} |"
-        lines.append(line)
-    return "\n".join(lines)
+        f"{cell(report['random_init_knn_acc1'])}), mean ± std."
+    )
+    return title + "\n\n" + markdown_table(columns, rows)

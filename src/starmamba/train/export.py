@@ -13,8 +13,9 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from starmamba.data import build_dataset
-from starmamba.models import build_model, model_config
-from starmamba.train.checkpoint import check_compatible, load_weights
+from starmamba.models.loading import model_from_weights
+from starmamba.models.registry import split_name
+from starmamba.models.weights import load_weights
 from starmamba.train.metrics import read_metrics
 
 PAPER = "Separators in Enhancing Autoregressive Pretraining for Vision Mamba"
@@ -45,7 +46,7 @@ class Run:
 
     @property
     def job(self) -> str:
-        return "pretraining" if self.name.startswith("star_") else "finetuning"
+        return "pretraining" if split_name(self.name)[0] == "star" else "finetuning"
 
 
 def read_run(run_dir: str | Path, ema: bool) -> Run:
@@ -78,14 +79,7 @@ def read_run(run_dir: str | Path, ema: bool) -> Run:
 def run_model(run: Run) -> nn.Module:
     """The run's model with the chosen weights, its pretrained config set from the run (data statistics,
     evaluation crop)."""
-    try:
-        cfg = model_config(run.name, **run.model_config)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{run.weights}: its model config does not build {run.name}: {error}") from None
-    model = build_model(cfg)
-    state, _ = load_weights(run.weights)
-    check_compatible(state, model, source=str(run.weights))
-    model.load_state_dict(state)
+    model, _ = model_from_weights(run.weights)
     pretrained = {"architecture": run.name} | data_statistics(run.job_config.get("data_path", ""))
     if "crop_pct" in run.job_config:
         pretrained["crop_pct"] = run.job_config["crop_pct"]

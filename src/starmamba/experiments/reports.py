@@ -44,6 +44,7 @@ def demo_figures(rows: list[dict], out: Path) -> None:
     ``rows`` name each method and its run folders (``pretrain_dir`` may be None). The small-scale runs
     measure top-1 once, at their end, so the finetuning panel follows the training loss.
     """
+    # Imported here: matplotlib is slow to import, and its backend must be chosen before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,0 +1,1 @@
+"""The application: recipes at every scale, the demo, the ablation tables and their reports."""
