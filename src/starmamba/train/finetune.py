@@ -85,9 +85,11 @@ class FinetuneTask:
         if (epoch + 1) % self.cfg.eval_every and epoch + 1 != self.cfg.epochs:
             return {}
         device = self.processes.device
-        result = evaluate(state.module, self.val_loader, device)
+        precision = self.cfg.precision
+        result = evaluate(state.module, self.val_loader, device, precision)
         if state.ema is not None:
-            result |= {f"ema_{k}": v for k, v in evaluate(state.ema.module, self.val_loader, device).items()}
+            ema = evaluate(state.ema.module, self.val_loader, device, precision)
+            result |= {f"ema_{k}": v for k, v in ema.items()}
         for key in ("acc1", "ema_acc1"):
             if key in result:
                 self.results[key] = result[key]

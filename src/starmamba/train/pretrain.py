@@ -12,9 +12,10 @@ from starmamba.data import Augmented, EvalTransform, PretrainTransform, build_da
 from starmamba.models import StarPretrainer, build_model
 from starmamba.train.config import PretrainConfig
 from starmamba.train.distributed import Processes, all_reduce_sum
-from starmamba.train.engine import TrainState, autocast
+from starmamba.train.engine import TrainState
 from starmamba.train.job import run_job
 from starmamba.train.plots import save_reconstructions
+from starmamba.train.precision import autocast
 
 
 def validation_batches(cfg: PretrainConfig, processes: Processes) -> DataLoader:
@@ -77,13 +78,13 @@ class PretrainTask:
         model.eval()
         device = self.processes.device
         totals = torch.zeros(2, dtype=torch.float64)
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, self.cfg.precision):
             for images, _ in self.val_batches:
                 loss = model(images.to(device, non_blocking=True)).loss  # a mean over images of equal token count
                 totals += torch.tensor([loss.item() * len(images), len(images)], dtype=torch.float64)
         totals = all_reduce_sum(totals.to(device)).cpu()
         if self.processes.is_main and ((epoch + 1) % self.cfg.recon_every == 0 or epoch + 1 == self.cfg.epochs):
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, self.cfg.precision):
                 recon = model.reconstruct(self.preview, model(self.preview))
             save_reconstructions(
                 denormalize(self.preview, self.mean, self.std), denormalize(recon, self.mean, self.std),
