@@ -1,4 +1,5 @@
-"""Data: Fashion-MNIST / ImageNet-style / synthetic data sets, per-sample transforms, Mixup/CutMix."""
+"""Data: Fashion-MNIST / ImageNet-style / unlabelled / synthetic data sets, WebDataset shards (``data.shards``),
+per-sample transforms, Mixup/CutMix."""
 
 from starmamba.data.datasets import (
     FASHION_MNIST_DIR_ENV,
@@ -6,6 +7,7 @@ from starmamba.data.datasets import (
     FashionMNIST,
     ImageFolder,
     SyntheticImages,
+    UnlabelledImages,
     UnreadableImagesError,
     build_dataset,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "RandAugment",
     "RandomErasing",
     "SyntheticImages",
+    "UnlabelledImages",
     "UnreadableImagesError",
     "build_dataset",
     "parse_rand_augment",

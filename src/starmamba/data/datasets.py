@@ -39,6 +39,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 SYNTHETIC_SIZES = {"train": 512, "val": 128}
+UNLABELLED = -1
+"""The label of every image of an unlabelled data set (a folder of images without class folders)."""
 MAX_UNREADABLE = 0.01
 """Default fraction of a split's images that may be unreadable (skipped) before loading stops."""
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -230,6 +232,14 @@ class ImageFolder(Dataset):
             labels += [index[name]] * len(files)
         if not paths:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {split_dir}")
+        info = DatasetInfo(root.name, len(classes), IMAGENET_MEAN, IMAGENET_STD, tuple(classes))
+        self._set_images(paths, labels, split_dir, info, limit, max_unreadable)
+
+    def _set_images(
+        self, paths: list[str], labels: list[int], location: Path, info: DatasetInfo, limit: int | None,
+        max_unreadable: float,
+    ) -> np.ndarray:  # fmt: skip
+        """Keep ``limit`` of the images (evenly spaced) and set up the count of unreadable ones; the kept indices."""
         keep = np.arange(len(paths))
         if limit is not None and limit < len(paths):
             keep = np.arange(limit) * len(paths) // limit
@@ -237,13 +247,13 @@ class ImageFolder(Dataset):
         # and so copy its pages, which grows memory per worker on large data sets.
         self.paths = np.array(paths)[keep]
         self.labels = np.array(labels, dtype=np.int64)[keep]
-        self.root = root
-        self.split = split
-        self.info = DatasetInfo(root.name, len(classes), IMAGENET_MEAN, IMAGENET_STD, tuple(classes))
+        self.location = location
+        self.info = info
         self.max_unreadable = max_unreadable
         # Shared with DataLoader workers: which images were found unreadable, and how many.
         self._unreadable = multiprocessing.RawArray("b", len(self.paths))
         self._skipped = multiprocessing.Value("q", 0)
+        return keep
 
     @property
     def num_skipped(self) -> int:
@@ -258,7 +268,7 @@ class ImageFolder(Dataset):
         count = self.num_skipped if count is None else count
         if count > self.max_unreadable * len(self):
             raise UnreadableImagesError(
-                f"{count} of the {len(self)} images under {self.root / self.split} are unreadable "
+                f"{count} of the {len(self)} images under {self.location} are unreadable "
                 f"({count / len(self):.1%}), more than max_unreadable={self.max_unreadable:g} allows; "
                 "fix or remove them, or raise --max_unreadable"
             )
@@ -276,6 +286,10 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _open(self, i: int) -> Image.Image:
+        # str(): PIL names the file by repr() in its errors, which shows np.str_('...').
+        return Image.open(str(self.paths[i]))
+
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         count = len(self)
         index = range(count)[index]
@@ -284,12 +298,31 @@ class ImageFolder(Dataset):
             if self._unreadable[i]:
                 continue
             try:
-                # str(): PIL names the file by repr() in its errors, which shows np.str_('...').
-                with Image.open(str(self.paths[i])) as img:
+                with self._open(i) as img:
                     return to_rgb(img), int(self.labels[i])
             except _UNREADABLE as err:
                 self._skip(i, err)
-        raise UnreadableImagesError(f"none of the {count} images under {self.root / self.split} can be read")
+        raise UnreadableImagesError(f"none of the {count} images under {self.location} can be read")
+
+
+class UnlabelledImages(ImageFolder):
+    """Every image under ``folder`` (subfolders included), without labels: items are (8-bit RGB PIL image, -1).
+
+    For pretraining, which uses no labels: ``info.num_classes`` is 0. Unreadable images and ``limit``
+    are handled as in :class:`ImageFolder`.
+    """
+
+    def __init__(self, folder: str | Path, limit: int | None = None, max_unreadable: float = MAX_UNREADABLE) -> None:
+        _check_limit(limit)
+        _check_max_unreadable(max_unreadable)
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder {folder} does not exist")
+        paths = _image_files(folder)
+        if not paths:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {folder}")
+        info = DatasetInfo(folder.name, 0, IMAGENET_MEAN, IMAGENET_STD, ())
+        self._set_images(paths, [UNLABELLED] * len(paths), folder, info, limit, max_unreadable)
 
 
 class SyntheticImages(Dataset):
@@ -330,11 +363,22 @@ def _holds_idx_files(path: Path) -> bool:
 
 
 def build_dataset(
-    name_or_path: str, split: Split, limit: int | None = None, max_unreadable: float = MAX_UNREADABLE
-) -> Dataset:
-    """'fashion_mnist', 'synthetic', a directory of Fashion-MNIST IDX files, or an ImageNet-style folder.
+    name_or_path: str, split: Split, limit: int | None = None, max_unreadable: float = MAX_UNREADABLE,
+    labels: bool = True,
+) -> Dataset:  # fmt: skip
+    """The ``split`` of a data set:
 
-    ``max_unreadable``: the fraction of an image folder's split that may be unreadable (see ImageFolder).
+    - 'fashion_mnist', 'synthetic', or a directory of Fashion-MNIST IDX files;
+    - an ImageNet-style folder ``root/{train,val}/<class>/<image>``;
+    - unlabelled images: ``root/{train,val}/<image>``, or a folder of images without train/ and val/
+      (one split, see :func:`single_split`); every label is -1 and ``info.num_classes`` 0;
+    - WebDataset shards (:mod:`starmamba.data.shards`): a folder holding ``{train,val}/*.tar`` or
+      ``{train,val}-*.tar``, a folder of .tar files (one split), or a pattern of .tar files (one split):
+      a glob or braces, 'shards/train-{000000..000146}.tar'.
+
+    A one-split data set gives its images for either split. ``labels``: refuse unlabelled images
+    (every job but pretraining needs labels). ``max_unreadable``: the fraction of the split that may be
+    unreadable (see ImageFolder).
     """
     _check_split(split)
     _check_limit(limit)
@@ -344,11 +388,45 @@ def build_dataset(
     if name_or_path == "synthetic":
         size = SYNTHETIC_SIZES[split]
         return SyntheticImages(size if limit is None else min(size, limit), seed=0 if split == "train" else 1)
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"data set {name_or_path!r} is neither 'fashion_mnist', 'synthetic' nor an existing directory"
+    from starmamba.data import shards  # shards.py builds on this module
+
+    if shards.is_shard_pattern(name_or_path):
+        files = shards.shard_files(name_or_path)
+        dataset = shards.ShardImages(files, files[0].parent.name, name_or_path, limit, max_unreadable)
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"data set {name_or_path!r} is neither 'fashion_mnist', 'synthetic', an existing directory nor "
+                "a pattern of .tar shards"
+            )
+        if _holds_idx_files(path):
+            return FashionMNIST(path, split, limit)
+        files = shards.folder_shards(path, split)
+        if files is not None:
+            dataset = shards.ShardImages(files, path.name, str(files[0].parent), limit, max_unreadable)
+        elif (path / "train").is_dir() and _class_names(path / "train"):
+            dataset = ImageFolder(path, split, limit, max_unreadable)
+        elif (path / "train").is_dir():
+            dataset = UnlabelledImages(path / split, limit, max_unreadable)
+        else:
+            dataset = UnlabelledImages(path, limit, max_unreadable)
+    if labels and dataset.info.num_classes == 0:
+        raise ValueError(
+            f"{name_or_path} holds unlabelled images (no class folders, or shards without .cls labels): only "
+            "pretraining can use them; label them as root/train/<class>/<image> and root/val/<class>/<image>"
         )
-    if _holds_idx_files(path):
-        return FashionMNIST(path, split, limit)
-    return ImageFolder(path, split, limit, max_unreadable)
+    return dataset
+
+
+def single_split(name_or_path: str) -> bool:
+    """Whether the data set is one set of images without a train/val split: a folder of images without
+    train/ (or of .tar shards without train/ or train-*.tar), or a pattern of .tar shards."""
+    from starmamba.data import shards
+
+    if shards.is_shard_pattern(name_or_path):
+        return True
+    path = Path(name_or_path).expanduser()
+    if name_or_path in ("fashion_mnist", "synthetic") or not path.is_dir() or _holds_idx_files(path):
+        return False
+    return not (path / "train").is_dir() and not shards.has_split_shards(path)

@@ -36,7 +36,9 @@ class RunConfig:
     """Options every training job shares."""
 
     data_path: DataPath = "fashion_mnist"
-    """'fashion_mnist', 'synthetic', an ImageFolder root (train/<class>/*, val/<class>/*) or an IDX folder"""
+    """'fashion_mnist', 'synthetic', an ImageFolder root (train/<class>/*, val/<class>/*), an IDX folder, a folder
+    of unlabelled images (pretraining), or WebDataset shards: a folder of {train,val}/*.tar or {train,val}-*.tar,
+    or a pattern of .tar files ('shards/train-{000000..000146}.tar'; the extra starmamba[shards])"""
     output_dir: str = "runs/run"
     """where the config, metrics, checkpoints and plots go"""
     batch_size: int = 256

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from starmamba.data import Augmented, EvalTransform, FinetuneTransform, MixupCutmix, build_dataset
+from starmamba.data.datasets import single_split
 from starmamba.data.mixup import soft_target_cross_entropy
 from starmamba.data.subsets import labels_per_class_subset
 from starmamba.models import MambaMLPClassifier, build_model
@@ -42,6 +43,11 @@ class FinetuneTask:
         self.num_classes_given = num_classes_given
 
     def load(self, cfg: FinetuneConfig, processes: Processes) -> tuple[FinetuneConfig, Dataset]:
+        if single_split(cfg.data_path):
+            raise ValueError(
+                f"{cfg.data_path} is one set of images: finetuning trains on a train split and evaluates on a val "
+                "split (root/{train,val}/<class>/<image>, or shards root/{train,val}/*.tar or root/{train,val}-*.tar)"
+            )
         train_data = build_dataset(cfg.data_path, "train", limit=cfg.limit_train, max_unreadable=cfg.max_unreadable)
         if cfg.labels_per_class is not None:
             train_data = labels_per_class_subset(train_data, cfg.labels_per_class, cfg.seed)
