@@ -370,8 +370,9 @@ def build_dataset(
 
     - 'fashion_mnist', 'synthetic', or a directory of Fashion-MNIST IDX files;
     - an ImageNet-style folder ``root/{train,val}/<class>/<image>``;
-    - unlabelled images: ``root/{train,val}/<image>``, or a folder of images without train/ and val/
-      (one split, see :func:`single_split`); every label is -1 and ``info.num_classes`` 0;
+    - unlabelled images: ``root/{train,val}/<image>`` (no subfolders in train/: they would be classes), or a
+      folder of images without train/ (one split, see :func:`single_split`); every label is -1 and
+      ``info.num_classes`` 0;
     - WebDataset shards (:mod:`starmamba.data.shards`): a folder holding ``{train,val}/*.tar`` or
       ``{train,val}-*.tar``, a folder of .tar files (one split), or a pattern of .tar files (one split):
       a glob or braces, 'shards/train-{000000..000146}.tar'.

@@ -138,15 +138,15 @@ class ShardImages(ImageFolder):
             raise ValueError(f"limit must be a positive number of samples or None, got {limit}")
         names, labels, shard_of, offsets, sizes = [], [], [], [], []
         for number, shard in enumerate(shards):
-            for name, offset, size, label in index_shard(shard):
-                names.append(f"{shard}:{name}")
+            for member, offset, size, label in index_shard(shard):
+                names.append(f"{shard}:{member}")
                 labels.append(label)
                 shard_of.append(number)
                 offsets.append(offset)
                 sizes.append(size)
         if not names:
             raise ValueError(f"no images ({', '.join(sorted(_IMAGE_EXTENSIONS))}) in the shards of {where}")
-        unlabelled = [name for name, label in zip(names, labels, strict=True) if label is None]
+        unlabelled = [sample for sample, label in zip(names, labels, strict=True) if label is None]
         if unlabelled and len(unlabelled) < len(names):
             raise ValueError(f"{unlabelled[0]} has no .cls label but other samples of {where} have one")
         classes = _class_names(shards)
