@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from starmamba.ops import available_backends, selective_scan
 from starmamba.train.checkpoint import load_checkpoint, save_checkpoint
 from starmamba.train.config import EvaluateConfig, FinetuneConfig, load_config_file, to_dict
 from starmamba.train.engine import train_one_epoch
@@ -129,3 +130,23 @@ def test_the_precision_is_written_to_config_json_and_read_back_for_a_rerun(tmp_p
     del old["precision"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert load_config_file(tmp_path / "old.json", FinetuneConfig, FinetuneConfig()).precision is None
+
+
+@pytest.mark.parametrize("backend", available_backends(CPU))
+def test_the_selective_scan_computes_in_fp32_under_bf16_autocast(backend):
+    generator = torch.Generator().manual_seed(0)
+    b, d, n, length = 2, 8, 4, 32
+    u, delta, z = (torch.randn(b, d, length, generator=generator) for _ in range(3))
+    B, C = (torch.randn(b, n, length, generator=generator) for _ in range(2))
+    A, D, bias = -torch.rand(d, n, generator=generator) - 0.5, torch.randn(d, generator=generator), torch.zeros(d)
+
+    def scan(precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = u.clone().requires_grad_()
+        with autocast(CPU, precision):  # the forward pass, as the engine runs it; backward outside
+            y = selective_scan(x, delta, A, B, C, D, z, bias, delta_softplus=True, backend=backend)
+        y.square().sum().backward()
+        return y.detach(), x.grad
+
+    (expected, expected_grad), (y, grad) = scan("fp32"), scan("bf16")
+    assert y.dtype == torch.float32
+    assert torch.equal(y, expected) and torch.equal(grad, expected_grad)
