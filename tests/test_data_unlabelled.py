@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ from PIL import Image
 
 from starmamba.cli import main
 from starmamba.data import UnlabelledImages, build_dataset
-from starmamba.data.datasets import single_split
+from starmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD, single_split
+from starmamba.export import data_statistics
 from starmamba.train.metrics import read_metrics
 from starmamba.train.pretrain import run_pretrain
 from test_train_jobs import tiny_pretrain
@@ -76,3 +78,10 @@ def test_finetuning_on_unlabelled_images_is_one_line_and_exit_code_2(tmp_path, c
     assert main(["finetune", "--data_path", str(tmp_path / "data"), *common]) == 2
     err = capsys.readouterr().err
     assert "holds unlabelled images" in err and len(err.strip().splitlines()) == 1
+
+
+def test_export_reads_the_normalisation_of_an_unlabelled_folder_without_a_warning(tmp_path):
+    save_images(tmp_path / "photos", 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data_statistics(str(tmp_path / "photos")) == {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
