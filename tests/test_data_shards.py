@@ -12,8 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from starmamba.data import build_dataset
+from starmamba.data import shards as shards_module
 from starmamba.data.datasets import single_split
-from starmamba.data.shards import ShardImages, shard_files
+from starmamba.data.shards import CACHE_ENV, ShardImages, cache_dir, shard_files
 from starmamba.train.finetune import run_finetune
 from starmamba.train.pretrain import run_pretrain
 from test_train_jobs import tiny_finetune, tiny_pretrain
@@ -41,6 +42,13 @@ def write_shards(folder: Path, prefix: str, samples: list[tuple[int, int | None]
 
 def read_back(dataset) -> list[tuple[int, int]]:
     return [(int(np.asarray(img)[0, 0, 0]), label) for img, label in (dataset[i] for i in range(len(dataset)))]
+
+
+@pytest.fixture(autouse=True)
+def index_cache(tmp_path, monkeypatch) -> Path:
+    """Shard indexes cached in the test's folder, not the user's."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache" / "shard-index"
 
 
 TRAIN = [(10 * i, i % 3) for i in range(10)]
@@ -139,3 +147,27 @@ def test_pretraining_and_finetuning_read_shards_end_to_end(tmp_path, shards):
 def test_the_shards_of_a_pattern_are_listed_in_its_order(shards):
     files = shard_files(str(shards / "train-{000002,000000}.tar"))
     assert [f.name for f in files] == ["train-000002.tar", "train-000000.tar"]
+
+
+def test_the_index_is_cached_and_read_again_until_the_shard_changes(tmp_path, shards, index_cache, monkeypatch):
+    pattern = str(shards / "train-*.tar")
+    assert read_back(build_dataset(pattern, "train")) == TRAIN
+    assert cache_dir() == index_cache and len(list(index_cache.glob("*.npz"))) == 3
+
+    def no_tar(*args, **kwargs):
+        raise AssertionError("indexed again")
+
+    monkeypatch.setattr(shards_module.tarfile, "open", no_tar)
+    assert read_back(build_dataset(pattern, "train")) == TRAIN  # every index from the cache
+    monkeypatch.undo()
+    monkeypatch.setenv(CACHE_ENV, str(index_cache.parent))
+
+    changed = [(grey + 1, label) for grey, label in TRAIN[:3]]
+    write_shards(shards, "train", changed, per_shard=4)  # train-000000.tar rewritten: 3 samples now
+    assert read_back(build_dataset(pattern, "train")) == changed + TRAIN[4:]
+
+
+def test_an_unwritable_cache_only_costs_indexing_again(tmp_path, shards, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "a_file"))
+    assert read_back(build_dataset(str(shards), "train")) == TRAIN

@@ -9,7 +9,10 @@ names the classes, else there are 1 + the largest label of them.
 
 Indexing (reading the tar headers and the tiny ``cls`` members, not the images) makes the shards a
 map-style data set: the samplers of :mod:`starmamba.train.distributed` shard it over processes and
-resume it at any step exactly as they do a folder of images. Every process indexes every shard.
+resume it at any step exactly as they do a folder of images. Every process indexes every shard, and
+Python's tarfile reads headers slowly (1 ms a sample was measured on a busy 2-core machine), so each
+shard's index is cached (:func:`cache_dir`, keyed by the shard's path, size and modification time):
+only a run's first start on a machine reads the headers.
 Needs the ``webdataset`` package (``pip install 'starmamba[shards]'``) for its brace expansion
 and its sample naming.
 """
@@ -17,7 +20,9 @@ and its sample naming.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -36,6 +41,9 @@ from starmamba.data.datasets import (
 
 SHARD_SUFFIX = ".tar"
 CLASSES_FILE = "classes.txt"
+CACHE_ENV = "STARMAMBA_CACHE"
+NO_LABEL = -1  # in an index: a sample without a cls member
+_INDEX_VERSION = 1  # bump when the cached index changes form
 _IMAGE_EXTENSIONS = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
 
@@ -90,8 +98,36 @@ def has_split_shards(folder: Path) -> bool:
     return any((folder / "train").glob(f"*{SHARD_SUFFIX}")) or any(folder.glob(f"train-*{SHARD_SUFFIX}"))
 
 
-def index_shard(shard: Path) -> list[tuple[str, int, int, int | None]]:
-    """(member name, offset, size) of each sample's image in ``shard``, and its label (None without ``cls``)."""
+def index_shard(shard: Path) -> dict[str, np.ndarray]:
+    """Where each sample's image lies in ``shard``: {'names' (member names), 'offsets', 'sizes', 'labels'
+    (-1 for a sample without ``cls``)}, from the index cache when the shard has not changed since."""
+    stat = shard.stat()
+    key = f"{shard.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_INDEX_VERSION}"
+    cached = cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
+    try:
+        with np.load(cached, allow_pickle=False) as stored:
+            return {name: stored[name] for name in ("names", "offsets", "sizes", "labels")}
+    except (OSError, ValueError, KeyError):
+        pass
+    index = _read_index(shard)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = cached.with_name(f".{cached.stem}.{os.getpid()}.npz")
+        np.savez(staging, **index)
+        os.replace(staging, cached)  # processes indexing the same shard at once each write a whole file
+    except OSError:
+        pass  # an unwritable cache costs the next start this indexing again, nothing else
+    return index
+
+
+def cache_dir() -> Path:
+    """Where shard indexes are kept: $STARMAMBA_CACHE, else $XDG_CACHE_HOME/starmamba, else ~/.cache/starmamba."""
+    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "starmamba"
+    return Path(root).expanduser() / "shard-index"
+
+
+def _read_index(shard: Path) -> dict[str, np.ndarray]:
+    """:func:`index_shard` read from the tar headers (and the tiny ``cls`` members); the images are not read."""
     base_plus_ext = _webdataset().tariterators.base_plus_ext
     samples: dict[str, dict] = {}
     try:
@@ -106,13 +142,19 @@ def index_shard(shard: Path) -> list[tuple[str, int, int, int | None]]:
                     sample["image"] = (member.name, member.offset_data, member.size)
                 elif ext == "cls":
                     text = tar.extractfile(member).read().decode(errors="replace").strip()
-                    try:
-                        sample["label"] = int(text)
-                    except ValueError:
-                        raise ValueError(f"{shard}: {member.name} holds {text[:20]!r}, not a class index") from None
+                    if not (text.isascii() and text.isdigit()):
+                        raise ValueError(f"{shard}: {member.name} holds {text[:20]!r}, not a class index")
+                    sample["label"] = int(text)
     except tarfile.TarError as err:
         raise ValueError(f"{shard} is not an uncompressed tar file ({err})") from None
-    return [(*s["image"], s.get("label")) for s in samples.values() if "image" in s]
+    images = [(*s["image"], s.get("label", NO_LABEL)) for s in samples.values() if "image" in s]
+    names, offsets, sizes, labels = zip(*images, strict=True) if images else ((), (), (), ())
+    return {
+        "names": np.array(names, dtype=str),
+        "offsets": np.array(offsets, dtype=np.int64),
+        "sizes": np.array(sizes, dtype=np.int64),
+        "labels": np.array(labels, dtype=np.int64),
+    }
 
 
 def _class_names(shards: list[Path]) -> list[str] | None:
@@ -136,33 +178,29 @@ class ShardImages(ImageFolder):
     ) -> None:  # fmt: skip
         if limit is not None and limit <= 0:
             raise ValueError(f"limit must be a positive number of samples or None, got {limit}")
-        names, labels, shard_of, offsets, sizes = [], [], [], [], []
-        for number, shard in enumerate(shards):
-            for member, offset, size, label in index_shard(shard):
-                names.append(f"{shard}:{member}")
-                labels.append(label)
-                shard_of.append(number)
-                offsets.append(offset)
-                sizes.append(size)
+        indexes = [index_shard(shard) for shard in shards]
+        names = [f"{shard}:{member}" for shard, index in zip(shards, indexes, strict=True) for member in index["names"]]
         if not names:
             raise ValueError(f"no images ({', '.join(sorted(_IMAGE_EXTENSIONS))}) in the shards of {where}")
-        unlabelled = [sample for sample, label in zip(names, labels, strict=True) if label is None]
-        if unlabelled and len(unlabelled) < len(names):
-            raise ValueError(f"{unlabelled[0]} has no .cls label but other samples of {where} have one")
+        labels = np.concatenate([index["labels"] for index in indexes])
+        unlabelled = labels == NO_LABEL
+        if unlabelled.any() and not unlabelled.all():
+            first = names[int(np.argmax(unlabelled))]
+            raise ValueError(f"{first} has no .cls label but other samples of {where} have one")
         classes = _class_names(shards)
-        if unlabelled:
-            labels = [UNLABELLED] * len(names)
-            classes = []
+        if unlabelled.all():
+            labels, classes = np.full(len(names), UNLABELLED), []
         elif classes is None:
-            classes = [str(k) for k in range(max(labels) + 1)]
-        elif max(labels) >= len(classes):
-            raise ValueError(f"{where}: label {max(labels)} but {CLASSES_FILE} names {len(classes)} classes")
+            classes = [str(k) for k in range(labels.max() + 1)]
+        elif labels.max() >= len(classes):
+            raise ValueError(f"{where}: label {labels.max()} but {CLASSES_FILE} names {len(classes)} classes")
         info = DatasetInfo(name, len(classes), IMAGENET_MEAN, IMAGENET_STD, tuple(classes))
         keep = self._set_images(names, labels, Path(where), info, limit, max_unreadable)
         self.shards = np.array([str(s) for s in shards])
-        self.shard_of = np.array(shard_of, dtype=np.int32)[keep]
-        self.offsets = np.array(offsets, dtype=np.int64)[keep]
-        self.sizes = np.array(sizes, dtype=np.int64)[keep]
+        shard_of = [np.full(len(index["names"]), number) for number, index in enumerate(indexes)]
+        self.shard_of = np.concatenate(shard_of).astype(np.int32)[keep]
+        self.offsets = np.concatenate([index["offsets"] for index in indexes])[keep]
+        self.sizes = np.concatenate([index["sizes"] for index in indexes])[keep]
 
     def _open(self, i: int) -> Image.Image:
         with open(self.shards[self.shard_of[i]], "rb") as file:
