@@ -7,10 +7,12 @@ import json
 
 import pytest
 import torch
+import tyro
 
+from starmamba.cli import parse_job
 from starmamba.ops import available_backends, selective_scan
 from starmamba.train.checkpoint import load_checkpoint, save_checkpoint
-from starmamba.train.config import EvaluateConfig, FinetuneConfig, load_config_file, to_dict
+from starmamba.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig, load_config_file, to_dict
 from starmamba.train.engine import train_one_epoch
 from starmamba.train.evaluate import evaluate
 from starmamba.train.finetune import run_finetune
@@ -150,3 +152,11 @@ def test_the_selective_scan_computes_in_fp32_under_bf16_autocast(backend):
     (expected, expected_grad), (y, grad) = scan("fp32"), scan("bf16")
     assert y.dtype == torch.float32
     assert torch.equal(y, expected) and torch.equal(grad, expected_grad)
+
+
+def test_every_job_takes_the_flag():
+    assert parse_job("pretrain", PretrainConfig, "star", ["--precision", "fp16"]).precision == "fp16"
+    assert parse_job("finetune", FinetuneConfig, "mambamlp", ["--precision", "bf16"]).precision == "bf16"
+    evaluate_args = ["--checkpoint", "run", "--precision", "fp32"]
+    assert tyro.cli(EvaluateConfig, args=evaluate_args, use_underscores=True).precision == "fp32"
+    assert parse_job("finetune", FinetuneConfig, "mambamlp", []).precision is None
