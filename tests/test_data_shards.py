@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds  # the test extra holds it: a missing one fails here rather than skipping
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from starmamba.cli import main
 from starmamba.data import build_dataset
 from starmamba.data import shards as shards_module
 from starmamba.data.datasets import single_split
 from starmamba.data.shards import CACHE_ENV, ShardImages, cache_dir, shard_files
+from starmamba.errors import RunError
 from starmamba.train.finetune import run_finetune
 from starmamba.train.pretrain import run_pretrain
 from test_train_jobs import tiny_finetune, tiny_pretrain
-
-wds = pytest.importorskip("webdataset")
 
 
 def image(grey: int, size: int = 16) -> Image.Image:
@@ -171,3 +173,11 @@ def test_an_unwritable_cache_only_costs_indexing_again(tmp_path, shards, monkeyp
     (tmp_path / "a_file").write_text("")
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "a_file"))
     assert read_back(build_dataset(str(shards), "train")) == TRAIN
+
+
+def test_without_webdataset_a_shard_pattern_says_which_extra_to_install(shards, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "webdataset", None)  # as if it were not installed
+    with pytest.raises(RunError, match=r"needs the webdataset package: pip install 'starmamba\[shards\]'"):
+        build_dataset(str(shards / "train-*.tar"), "train")
+    assert main(["pretrain", "--data_path", str(shards / "train-*.tar"), "--output_dir", str(shards / "run")]) == 2
+    assert "pip install 'starmamba[shards]'" in capsys.readouterr().err

@@ -38,6 +38,7 @@ from starmamba.data.datasets import (
     DatasetInfo,
     ImageFolder,
 )
+from starmamba.errors import RunError
 
 SHARD_SUFFIX = ".tar"
 CLASSES_FILE = "classes.txt"
@@ -51,7 +52,7 @@ def _webdataset():
     try:
         import webdataset
     except ImportError:
-        raise ImportError("reading .tar shards needs the webdataset package: pip install 'starmamba[shards]'") from None
+        raise RunError("reading .tar shards needs the webdataset package: pip install 'starmamba[shards]'") from None
     return webdataset
 
 
