@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, print_table, write_json
 from starmamba.models import SIZES, create_model, list_models, model_config
 from starmamba.ops import BACKEND_ENV, available_backends
+from starmamba.train.precision import autocast
 
 
 class ViT(nn.Module):
@@ -66,7 +67,7 @@ def measure(name: str, mode: str, batch: int, steps: int, device: torch.device) 
     model = build(name).to(device)
     images = torch.randn(batch, 3, 224, 224, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = autocast(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if mode == "train":
         model.train()

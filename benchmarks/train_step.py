@@ -33,6 +33,7 @@ from common import device_name, environment, print_table, write_json
 from starmamba.experiments.recipes import SMALL_ARCH, SMALL_DECODER
 from starmamba.models import create_model
 from starmamba.ops import BACKEND_ENV, resolve_backend
+from starmamba.train.precision import autocast
 
 # name -> (model factory, images per step, image size, is a classifier)
 CASES: dict[str, tuple[Callable[[], torch.nn.Module], int, int, bool]] = {
@@ -56,7 +57,7 @@ def step_seconds(model, optimizer, images, labels, classifier: bool, device: tor
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         out = model(images)
         loss = F.cross_entropy(out, labels) if classifier else out.loss
     loss.backward()

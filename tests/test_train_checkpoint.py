@@ -73,7 +73,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert ema_meta == meta
 
     loaded = load_checkpoint(path)
-    assert sorted(loaded) == ["ema", "model", "optimizer", "position", "run_config"]
+    assert sorted(loaded) == ["ema", "model", "optimizer", "position", "run_config", "scaler"]
     assert_same_state(loaded["model"], model.state_dict())
     assert_same_state(loaded["ema"], ema.state_dict())
     assert loaded["position"] == {"epoch": 2, "step": 3, "global_step": 7}

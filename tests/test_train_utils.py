@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from starmamba.sequence import SequenceLayout
+from starmamba.models.layout import SequenceLayout
 from starmamba.train.ema import ModelEma
 from starmamba.train.metrics import MetricsLog, read_metrics
 from starmamba.train.plots import curves_figure, plot_curves, reconstruction_figure, sequence_figure

@@ -1,4 +1,5 @@
-"""Data: Fashion-MNIST / ImageNet-style / synthetic data sets, per-sample transforms, Mixup/CutMix."""
+"""Data: Fashion-MNIST / ImageNet-style / unlabelled / synthetic data sets, WebDataset shards (``data.shards``),
+per-sample transforms, Mixup/CutMix."""
 
 from starmamba.data.datasets import (
     FASHION_MNIST_DIR_ENV,
@@ -6,11 +7,12 @@ from starmamba.data.datasets import (
     FashionMNIST,
     ImageFolder,
     SyntheticImages,
+    UnlabelledImages,
     UnreadableImagesError,
-    build_dataset,
 )
 from starmamba.data.mixup import MixupCutmix, soft_target_cross_entropy
 from starmamba.data.randaugment import RandAugment, parse_rand_augment
+from starmamba.data.sources import build_dataset, single_split
 from starmamba.data.transforms import (
     Augmented,
     EvalTransform,
@@ -33,9 +35,11 @@ __all__ = [
     "RandAugment",
     "RandomErasing",
     "SyntheticImages",
+    "UnlabelledImages",
     "UnreadableImagesError",
     "build_dataset",
     "parse_rand_augment",
     "sample_rng",
+    "single_split",
     "soft_target_cross_entropy",
 ]

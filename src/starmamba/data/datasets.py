@@ -39,6 +39,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 SYNTHETIC_SIZES = {"train": 512, "val": 128}
+UNLABELLED = -1
+"""The label of every image of an unlabelled data set (a folder of images without class folders)."""
 MAX_UNREADABLE = 0.01
 """Default fraction of a split's images that may be unreadable (skipped) before loading stops."""
 _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -230,6 +232,14 @@ class ImageFolder(Dataset):
             labels += [index[name]] * len(files)
         if not paths:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {split_dir}")
+        info = DatasetInfo(root.name, len(classes), IMAGENET_MEAN, IMAGENET_STD, tuple(classes))
+        self._set_images(paths, labels, split_dir, info, limit, max_unreadable)
+
+    def _set_images(
+        self, paths: list[str], labels: list[int], location: Path, info: DatasetInfo, limit: int | None,
+        max_unreadable: float,
+    ) -> np.ndarray:  # fmt: skip
+        """Keep ``limit`` of the images (evenly spaced) and set up the count of unreadable ones; the kept indices."""
         keep = np.arange(len(paths))
         if limit is not None and limit < len(paths):
             keep = np.arange(limit) * len(paths) // limit
@@ -237,13 +247,13 @@ class ImageFolder(Dataset):
         # and so copy its pages, which grows memory per worker on large data sets.
         self.paths = np.array(paths)[keep]
         self.labels = np.array(labels, dtype=np.int64)[keep]
-        self.root = root
-        self.split = split
-        self.info = DatasetInfo(root.name, len(classes), IMAGENET_MEAN, IMAGENET_STD, tuple(classes))
+        self.location = location
+        self.info = info
         self.max_unreadable = max_unreadable
         # Shared with DataLoader workers: which images were found unreadable, and how many.
         self._unreadable = multiprocessing.RawArray("b", len(self.paths))
         self._skipped = multiprocessing.Value("q", 0)
+        return keep
 
     @property
     def num_skipped(self) -> int:
@@ -258,7 +268,7 @@ class ImageFolder(Dataset):
         count = self.num_skipped if count is None else count
         if count > self.max_unreadable * len(self):
             raise UnreadableImagesError(
-                f"{count} of the {len(self)} images under {self.root / self.split} are unreadable "
+                f"{count} of the {len(self)} images under {self.location} are unreadable "
                 f"({count / len(self):.1%}), more than max_unreadable={self.max_unreadable:g} allows; "
                 "fix or remove them, or raise --max_unreadable"
             )
@@ -276,6 +286,10 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _open(self, i: int) -> Image.Image:
+        # str(): PIL names the file by repr() in its errors, which shows np.str_('...').
+        return Image.open(str(self.paths[i]))
+
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         count = len(self)
         index = range(count)[index]
@@ -284,12 +298,31 @@ class ImageFolder(Dataset):
             if self._unreadable[i]:
                 continue
             try:
-                # str(): PIL names the file by repr() in its errors, which shows np.str_('...').
-                with Image.open(str(self.paths[i])) as img:
+                with self._open(i) as img:
                     return to_rgb(img), int(self.labels[i])
             except _UNREADABLE as err:
                 self._skip(i, err)
-        raise UnreadableImagesError(f"none of the {count} images under {self.root / self.split} can be read")
+        raise UnreadableImagesError(f"none of the {count} images under {self.location} can be read")
+
+
+class UnlabelledImages(ImageFolder):
+    """Every image under ``folder`` (subfolders included), without labels: items are (8-bit RGB PIL image, -1).
+
+    For pretraining, which uses no labels: ``info.num_classes`` is 0. Unreadable images and ``limit``
+    are handled as in :class:`ImageFolder`.
+    """
+
+    def __init__(self, folder: str | Path, limit: int | None = None, max_unreadable: float = MAX_UNREADABLE) -> None:
+        _check_limit(limit)
+        _check_max_unreadable(max_unreadable)
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder {folder} does not exist")
+        paths = _image_files(folder)
+        if not paths:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {folder}")
+        info = DatasetInfo(folder.name, 0, IMAGENET_MEAN, IMAGENET_STD, ())
+        self._set_images(paths, [UNLABELLED] * len(paths), folder, info, limit, max_unreadable)
 
 
 class SyntheticImages(Dataset):
@@ -327,28 +360,3 @@ class SyntheticImages(Dataset):
 def _holds_idx_files(path: Path) -> bool:
     names = [base for pair in _FASHION_MNIST_FILES.values() for base in pair]
     return any((path / name).is_file() or (path / f"{name}.gz").is_file() for name in names)
-
-
-def build_dataset(
-    name_or_path: str, split: Split, limit: int | None = None, max_unreadable: float = MAX_UNREADABLE
-) -> Dataset:
-    """'fashion_mnist', 'synthetic', a directory of Fashion-MNIST IDX files, or an ImageNet-style folder.
-
-    ``max_unreadable``: the fraction of an image folder's split that may be unreadable (see ImageFolder).
-    """
-    _check_split(split)
-    _check_limit(limit)
-    _check_max_unreadable(max_unreadable)
-    if name_or_path == "fashion_mnist":
-        return FashionMNIST(None, split, limit)
-    if name_or_path == "synthetic":
-        size = SYNTHETIC_SIZES[split]
-        return SyntheticImages(size if limit is None else min(size, limit), seed=0 if split == "train" else 1)
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"data set {name_or_path!r} is neither 'fashion_mnist', 'synthetic' nor an existing directory"
-        )
-    if _holds_idx_files(path):
-        return FashionMNIST(path, split, limit)
-    return ImageFolder(path, split, limit, max_unreadable)

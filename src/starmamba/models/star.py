@@ -31,7 +31,7 @@ class StarConfig(BackboneConfig):
     decoder fed by the encoder's blocks 6, 8, 10, 12 (of 12), norm-pixel targets.
 
     ``decoder_context`` is the paper-silent choice of what a decoder query may attend to (see
-    :mod:`starmamba.sequence`): ``"image"``, the units of its own image up to its source, is the
+    :mod:`starmamba.models.layout`): ``"image"``, the units of its own image up to its source, is the
     default, since under ``"sequence"`` every query attends to all earlier images alike and cannot
     find its own (docs/ablations/decoder_context.md measures both)."""
 

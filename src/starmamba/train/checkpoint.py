@@ -43,16 +43,18 @@ def save_checkpoint(
     """Write ``state`` as the checkpoint of its step, point ``latest`` at it, then drop older ones.
 
     ``state`` is a ``TrainState.state_dict()``: ``model`` and ``ema`` (a state_dict, or None),
-    ``optimizer`` (its state_dict) and ``position`` (``epoch``, ``step``, ``global_step``).
-    Everything is written to a hidden sibling directory and renamed into place, and ``latest`` is
-    replaced atomically, so it always names a complete checkpoint. Of the checkpoints of earlier
-    steps, the newest ``keep_last - 1`` are kept. Returns the checkpoint directory.
+    ``optimizer`` (its state_dict), ``scaler`` (the fp16 GradScaler's state_dict, empty at other
+    precisions; optional) and ``position`` (``epoch``, ``step``, ``global_step``). Everything is
+    written to a hidden sibling directory and renamed into place, and ``latest`` is replaced
+    atomically, so it always names a complete checkpoint. Of the checkpoints of earlier steps, the
+    newest ``keep_last - 1`` are kept. Returns the checkpoint directory.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1, got {keep_last}")
     position = {key: int(state["position"][key]) for key in ("epoch", "step", "global_step")}
     training_state = {
         "optimizer": state["optimizer"],
+        "scaler": state.get("scaler") or {},
         "position": position,
         "run_config": json.dumps(run_config),
     }
@@ -130,6 +132,7 @@ def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
         "model": model,
         "ema": ema,
         "optimizer": training["optimizer"],
+        "scaler": training.get("scaler", {}),  # checkpoints from before --precision have none
         "position": training["position"],
         "run_config": json.loads(training["run_config"]),
     }

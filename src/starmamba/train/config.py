@@ -22,6 +22,7 @@ from typeguard import TypeCheckError, check_type
 from starmamba.checks import check_choice, check_fraction, check_positive
 from starmamba.data.datasets import MAX_UNREADABLE
 from starmamba.models import ClassifierConfig, StarConfig, model_config
+from starmamba.train.precision import Precision
 
 Device = Literal["auto", "cpu", "cuda"]
 EvalResize = Literal["square", "shorter"]
@@ -35,7 +36,9 @@ class RunConfig:
     """Options every training job shares."""
 
     data_path: DataPath = "fashion_mnist"
-    """'fashion_mnist', 'synthetic', an ImageFolder root (train/<class>/*, val/<class>/*) or an IDX folder"""
+    """'fashion_mnist', 'synthetic', an ImageFolder root (train/<class>/*, val/<class>/*), an IDX folder, a folder
+    of unlabelled images (pretraining), or WebDataset shards: a folder of {train,val}/*.tar or {train,val}-*.tar,
+    or a pattern of .tar files ('shards/train-{000000..000146}.tar'; the extra starmamba[shards])"""
     output_dir: str = "runs/run"
     """where the config, metrics, checkpoints and plots go"""
     batch_size: int = 256
@@ -67,7 +70,10 @@ class RunConfig:
     num_workers: int = 4
     """data-loading processes per training process"""
     device: Device = "auto"
-    """'auto' takes CUDA when present (bf16 autocast there, fp32 on CPU)"""
+    """'auto' takes CUDA when present"""
+    precision: Precision | None = None
+    """autocast precision of the forward pass, on any device: 'fp32', 'bf16' or 'fp16' (with loss scaling);
+    None: bf16 on CUDA, fp32 on a CPU. Weights and optimizer state stay fp32"""
     resume: str = ""
     """'' starts afresh, 'auto' continues from the latest checkpoint in output_dir, or a checkpoint directory"""
     overwrite: bool = False
@@ -94,6 +100,8 @@ class RunConfig:
         for name in ("warmup_epochs", "min_lr", "weight_decay", "num_workers", "ckpt_every", "blr"):
             check_positive(name, getattr(self, name), allow_zero=True)
         check_choice("device", self.device, Device)
+        if self.precision is not None:
+            check_choice("precision", self.precision, Precision)
         if self.lr is not None:
             check_positive("lr", self.lr)
         if self.clip_grad is not None:
@@ -245,6 +253,8 @@ class EvaluateConfig:
     num_workers: int = field(default_factory=available_workers)
     """data-loading processes: 4, or the CPU cores this process may use if fewer"""
     device: Device = "auto"
+    precision: Precision | None = None
+    """autocast precision: 'fp32', 'bf16' or 'fp16'; None: bf16 on CUDA, fp32 on a CPU"""
     ema: bool = False
     """evaluate the EMA weights of a starmamba checkpoint"""
     crop_pct: float | None = None
@@ -260,6 +270,8 @@ class EvaluateConfig:
         check_positive("batch_size", self.batch_size)
         check_positive("num_workers", self.num_workers, allow_zero=True)
         check_choice("device", self.device, Device)
+        if self.precision is not None:
+            check_choice("precision", self.precision, Precision)
         check_choice("probe", self.probe, ProbeChoice)
         check_positive("knn_k", self.knn_k)
         check_positive("knn_temperature", self.knn_temperature)

@@ -22,9 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from starmamba.train.config import RunConfig
-from starmamba.train.distributed import Processes, TrainSampler, all_reduce_sum, autocast
+from starmamba.train.distributed import Processes, TrainSampler, all_reduce_sum
 from starmamba.train.ema import ModelEma
 from starmamba.train.optim import build_adamw
+from starmamba.train.precision import autocast, grad_scaler
 from starmamba.train.schedule import effective_lr, lr_at, set_lr
 
 
@@ -71,7 +72,8 @@ def step_seed(seed: int, rank: int, micro_step: int) -> int:
 
 @dataclass
 class TrainState:
-    """The model (DDP-wrapped when there are several processes), its EMA, the optimizer and the position.
+    """The model (DDP-wrapped when there are several processes), its EMA, the optimizer, the fp16 loss
+    scaler (a pass-through at other precisions) and the position.
 
     Build it with :meth:`create`. ``state_dict()`` / ``load_state_dict()`` cover what a checkpoint
     holds; ``run``, ``processes`` and the peak ``lr`` are how it was built, not state.
@@ -83,6 +85,7 @@ class TrainState:
     run: RunConfig
     processes: Processes
     lr: float
+    scaler: torch.amp.GradScaler
     position: Position = field(default_factory=Position)
 
     @classmethod
@@ -100,7 +103,7 @@ class TrainState:
         optimizer = build_adamw(
             model, lr, run.weight_decay, tuple(run.betas), run.layer_decay, decay_a_log=run.decay_a_log
         )
-        return cls(trained, ema, optimizer, run, processes, lr)
+        return cls(trained, ema, optimizer, run, processes, lr, grad_scaler(processes.device, run.precision))
 
     @property
     def module(self) -> nn.Module:
@@ -112,6 +115,7 @@ class TrainState:
             "model": self.module.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "position": asdict(self.position),
         }
 
@@ -123,6 +127,8 @@ class TrainState:
                 raise ValueError("the checkpoint has no EMA weights, but this run keeps an EMA (ema_decay is set)")
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):  # empty when saved at a precision without loss scaling
+            self.scaler.load_state_dict(state["scaler"])
         self.position = Position(**state["position"])
 
     def set_lr(self, epoch: float) -> float:
@@ -138,11 +144,17 @@ class TrainState:
         return self.model.no_sync()
 
     def step(self) -> float | None:
-        """Clip, take an optimizer step, update the EMA, move on one step; the gradient norm if clipped."""
+        """Clip, take an optimizer step, update the EMA, move on one step; the gradient norm if clipped.
+
+        In fp16 the gradients are unscaled first, and the scaler skips the optimizer step (and lowers
+        its scale) when they overflowed.
+        """
         grad_norm = None
+        self.scaler.unscale_(self.optimizer)
         if self.run.clip_grad is not None:
             grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.run.clip_grad).item()
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(self.module)
@@ -238,7 +250,7 @@ def train_one_epoch(
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         update = (micro + 1) % run.accum_iter == 0
         with state.sync_gradients(update):
-            with autocast(device):
+            with autocast(device, run.precision):
                 loss, logs = task.loss(state.model, images, labels, torch.Generator().manual_seed(seed))
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -246,7 +258,7 @@ def train_one_epoch(
                     f"loss is {loss_value} at epoch {position.epoch}, step {position.step}; stopping. "
                     "Lower the lr, or clip gradients (--clip_grad)."
                 )
-            (loss / run.accum_iter).backward()
+            state.scaler.scale(loss / run.accum_iter).backward()
         window.add(loss_value, images.shape[0], logs)
         if not update:
             continue

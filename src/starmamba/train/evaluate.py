@@ -10,8 +10,9 @@ from torch.utils.data import DataLoader, Dataset
 from starmamba.data import Augmented, EvalTransform, build_dataset
 from starmamba.models.loading import load_classifier
 from starmamba.train.config import EvaluateConfig, check_rgb
-from starmamba.train.distributed import Processes, ShardSampler, all_reduce_sum, autocast, joined
+from starmamba.train.distributed import Processes, ShardSampler, all_reduce_sum, joined
 from starmamba.train.eval_setup import eval_options
+from starmamba.train.precision import Precision, autocast
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, processes: Processes) -> DataLoader:
@@ -23,13 +24,16 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, processes: 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """{'acc1', 'acc5' (percent), 'val_loss'} of ``model`` over every process's shard."""
+def evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision | None = None
+) -> dict[str, float]:
+    """{'acc1', 'acc5' (percent), 'val_loss'} of ``model`` over every process's shard, its forward pass
+    autocast to ``precision`` (None: bf16 on CUDA, fp32 on a CPU)."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@5, loss sum, count
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
-        with autocast(device):
+        with autocast(device, precision):
             logits = model(images)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -60,7 +64,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, float]:
             )
         transform = EvalTransform(model.cfg.img_size, dataset.info.mean, dataset.info.std, **eval_options(cfg))
         loader = eval_loader(Augmented(dataset, transform), cfg.batch_size, cfg.num_workers, processes)
-        result = evaluate(model.to(processes.device), loader, processes.device)
+        result = evaluate(model.to(processes.device), loader, processes.device, cfg.precision)
         skipped = int(all_reduce_sum(torch.tensor([getattr(dataset, "num_skipped", 0)], dtype=torch.float64)).item())
         if skipped:
             dataset.check_unreadable(skipped)

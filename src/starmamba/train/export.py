@@ -91,7 +91,7 @@ def data_statistics(data_path: str) -> dict[str, Any]:
     """The normalisation the run trained with ({'mean', 'std'}), read from its data set; {} (ImageNet's
     statistics, the Hub folders' default) with a warning when the data set cannot be read here."""
     try:
-        info = build_dataset(data_path, "val", limit=1).info
+        info = build_dataset(data_path, "val", limit=1, labels=False).info
     except (OSError, ValueError) as error:
         warnings.warn(
             f"the run's data set {data_path!r} cannot be read here ({error}); "

@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from starmamba.data import Augmented, EvalTransform, FinetuneTransform, MixupCutmix, build_dataset
 from starmamba.data.mixup import soft_target_cross_entropy
+from starmamba.data.sources import single_split
 from starmamba.data.subsets import labels_per_class_subset
 from starmamba.models import MambaMLPClassifier, build_model
 from starmamba.models.convert import classifier_state_from_pretrained
@@ -42,6 +43,11 @@ class FinetuneTask:
         self.num_classes_given = num_classes_given
 
     def load(self, cfg: FinetuneConfig, processes: Processes) -> tuple[FinetuneConfig, Dataset]:
+        if single_split(cfg.data_path):
+            raise ValueError(
+                f"{cfg.data_path} is one set of images: finetuning trains on a train split and evaluates on a val "
+                "split (root/{train,val}/<class>/<image>, or shards root/{train,val}/*.tar or root/{train,val}-*.tar)"
+            )
         train_data = build_dataset(cfg.data_path, "train", limit=cfg.limit_train, max_unreadable=cfg.max_unreadable)
         if cfg.labels_per_class is not None:
             train_data = labels_per_class_subset(train_data, cfg.labels_per_class, cfg.seed)
@@ -85,9 +91,11 @@ class FinetuneTask:
         if (epoch + 1) % self.cfg.eval_every and epoch + 1 != self.cfg.epochs:
             return {}
         device = self.processes.device
-        result = evaluate(state.module, self.val_loader, device)
+        precision = self.cfg.precision
+        result = evaluate(state.module, self.val_loader, device, precision)
         if state.ema is not None:
-            result |= {f"ema_{k}": v for k, v in evaluate(state.ema.module, self.val_loader, device).items()}
+            ema = evaluate(state.ema.module, self.val_loader, device, precision)
+            result |= {f"ema_{k}": v for k, v in ema.items()}
         for key in ("acc1", "ema_acc1"):
             if key in result:
                 self.results[key] = result[key]

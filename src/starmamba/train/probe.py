@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader
 from starmamba.data import Augmented, EvalTransform, build_dataset
 from starmamba.models.loading import load_probe_model
 from starmamba.train.config import EvaluateConfig, check_rgb
-from starmamba.train.distributed import autocast, resolve_device
+from starmamba.train.distributed import resolve_device
 from starmamba.train.eval_setup import eval_options
+from starmamba.train.precision import Precision, autocast
 
 Probe = Literal["knn", "linear"]
 KNN_K = 20
@@ -35,12 +36,15 @@ def pooled_features(model: nn.Module, images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Pooled features (N, dim) float32 and labels (N,) of every image of ``loader``, on the CPU."""
+def extract_features(
+    model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision | None = None
+) -> tuple[Tensor, Tensor]:
+    """Pooled features (N, dim) float32 and labels (N,) of every image of ``loader``, on the CPU, the
+    forward pass autocast to ``precision`` (None: bf16 on CUDA, fp32 on a CPU)."""
     model.eval()
     features, labels = [], []
     for images, targets in loader:
-        with autocast(device):
+        with autocast(device, precision):
             features.append(pooled_features(model, images.to(device)).float())
         labels.append(targets)
     if not features:
@@ -130,6 +134,7 @@ def probe_model(
     model: nn.Module, data_path: str, probe: Probe, device: torch.device, *, crop_pct: float = 1.0,
     resize: str = "square", batch_size: int = 256, num_workers: int = 1, limit_train: int | None = None,
     limit_val: int | None = None, k: int = KNN_K, temperature: float = KNN_TEMPERATURE,
+    precision: Precision | None = None,
 ) -> dict:  # fmt: skip
     """Top-1 (%) of a ``probe`` on ``model``'s frozen features: the bank (or the linear probe's training set)
     is the training split, the score the validation split, both seen through the evaluation transform.
@@ -142,7 +147,7 @@ def probe_model(
         info = dataset.info
         transform = EvalTransform(model.cfg.img_size, info.mean, info.std, crop_pct=crop_pct, resize=resize)
         loader = DataLoader(Augmented(dataset, transform), batch_size=batch_size, num_workers=num_workers)
-        splits[split] = extract_features(model.to(device), loader, device)
+        splits[split] = extract_features(model.to(device), loader, device, precision)
     (train, train_labels), (val, val_labels) = splits["train"], splits["val"]
     acc1 = probe_top1(probe, train, train_labels, val, val_labels, info.num_classes, k, temperature)
     return {"probe": probe, "acc1": acc1, "train_images": len(train), "val_images": len(val)}
@@ -157,7 +162,7 @@ def run_probe(cfg: EvaluateConfig) -> dict:
         model, cfg.data_path, cfg.probe, resolve_device(cfg.device),
         crop_pct=options["crop_pct"], resize=options["resize"], batch_size=cfg.batch_size,
         num_workers=cfg.num_workers, limit_train=cfg.limit_train, limit_val=cfg.limit_val, k=cfg.knn_k,
-        temperature=cfg.knn_temperature,
+        temperature=cfg.knn_temperature, precision=cfg.precision,
     )  # fmt: skip
     what = f"k-NN (k={cfg.knn_k}, T={cfg.knn_temperature})" if cfg.probe == "knn" else "linear"
     print(
