@@ -11,7 +11,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -21,8 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from starmamba.errors import RunError
 from starmamba.train.config import RunConfig
-from starmamba.train.distributed import Processes, TrainSampler, all_reduce_sum
+from starmamba.train.distributed import Processes, TrainSampler, all_reduce_min, all_reduce_sum
 from starmamba.train.ema import ModelEma
 from starmamba.train.optim import build_adamw
 from starmamba.train.schedule import effective_lr, lr_at, set_lr
@@ -50,8 +51,9 @@ class Task(Protocol):
 
     def loss(
         self, model: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, float]]:
-        """The loss of a batch and extra values to log; ``generator`` seeds the batch's own draws."""
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """The loss of a batch (0-dim) and extra values to log (0-dim tensors, left on the device, or floats);
+        ``generator`` seeds the batch's own draws. Logged values are averaged like the loss."""
         ...
 
     def evaluate(self, state: TrainState, epoch: int) -> dict[str, float]:
@@ -97,9 +99,13 @@ class TrainState:
 
         DDP broadcasts rank 0's weights when it wraps the model, so the EMA, copied after that,
         starts from the same weights on every process however each process initialised its model.
+        Its buffers are not broadcast again every step: they are constant (position tables, scan
+        orders, layout indices). ``run.grad_checkpointing`` turns on the model's activation checkpointing.
         """
         model.to(processes.device)
-        trained = DistributedDataParallel(model) if processes.world_size > 1 else model
+        if run.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        trained = DistributedDataParallel(model, broadcast_buffers=False) if processes.world_size > 1 else model
         ema = ModelEma(model, run.ema_decay) if run.ema_decay is not None else None
         effective = run.batch_size * run.accum_iter * processes.world_size
         lr = run.lr if run.lr is not None else effective_lr(run.blr, effective)
@@ -143,11 +149,12 @@ class TrainState:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def step(self) -> float | None:
-        """Clip, take an optimizer step, update the EMA, move on one step; the gradient norm if clipped."""
+    def step(self) -> Tensor | None:
+        """Clip, take an optimizer step, update the EMA, move on one step; the gradient norm (0-dim, on the
+        device, not read) if clipped."""
         grad_norm = None
         if self.run.clip_grad is not None:
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.run.clip_grad).item()
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.run.clip_grad)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -168,7 +175,7 @@ class TrainLoader:
             raise ValueError(f"an epoch of {self.sampler.batches} batches is shorter than accum_iter={run.accum_iter}")
         self.loader = DataLoader(
             dataset, batch_size=run.batch_size, sampler=self.sampler, num_workers=run.num_workers,
-            pin_memory=processes.device.type == "cuda", persistent_workers=False,
+            pin_memory=processes.device.type == "cuda", persistent_workers=run.num_workers > 0,
         )  # fmt: skip
         # A bar only on a terminal: in a log file its carriage-return frames pile up (run_job
         # prints plain lines there instead).
@@ -197,24 +204,71 @@ class TrainLoader:
                 yield micro, batch
 
 
-class LossWindow:
-    """The training loss and speed since the last logged step, summed over processes."""
+class NonFiniteLoss(RunError):
+    """The training loss became NaN or infinite."""
 
-    def __init__(self) -> None:
+
+def stop_if_not_finite(first_step: float, epoch: int) -> None:
+    """Raise :class:`NonFiniteLoss` naming ``first_step``, the first optimizer step (1-based) whose loss was
+    NaN or infinite, or inf if there was none. Given the same value on every process (the minimum over
+    them), every process stops with the same line, before its weights are checkpointed."""
+    if math.isfinite(first_step):
+        raise NonFiniteLoss(
+            f"the training loss is not finite (NaN or inf) at step {int(first_step)} (epoch {epoch + 1}); "
+            "stopping, the last checkpoint is kept: lower the lr, or clip gradients (--clip_grad)"
+        )
+
+
+class LossWindow:
+    """The loss and every logged value since the last logged step, averaged over the window's micro-batches
+    on every process, and the speed.
+
+    Values stay where they are (on the device) until :meth:`read`, so that steps between logged ones never
+    wait for the device; so does the step of the first non-finite loss, which :meth:`first_non_finite`
+    agrees on over the processes.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.first_bad: Tensor | None = None
         self.reset()
 
     def reset(self) -> None:
-        self.loss, self.images, self.batches, self.start = 0.0, 0, 0, time.perf_counter()
+        self.sums: dict[str, Tensor | float] = {}
+        self.counts: dict[str, int] = {}
+        self.images, self.start = 0, time.perf_counter()
 
-    def add(self, loss: float, images: int) -> None:
-        self.loss, self.images, self.batches = self.loss + loss, self.images + images, self.batches + 1
+    def add(self, values: Mapping[str, Tensor | float]) -> None:
+        """Add one value of each of ``values`` (0-dim tensors or numbers) to the window."""
+        for key, value in values.items():
+            value = value.detach().double() if isinstance(value, Tensor) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def add_batch(self, loss: Tensor, logs: Mapping[str, Tensor | float], images: int, step: int) -> None:
+        """One micro-batch of ``images`` images in optimizer step ``step`` (1-based): its loss and logs."""
+        loss = loss.detach()
+        bad = torch.where(torch.isfinite(loss), math.inf, float(step))
+        self.first_bad = bad if self.first_bad is None else torch.minimum(self.first_bad, bad)
+        self.add({"loss": loss, **logs})
+        self.images += images
+
+    def first_non_finite(self) -> float:
+        """The first step (over every process) whose loss was not finite, or inf (collective)."""
+        bad = self.first_bad if self.first_bad is not None else torch.tensor(math.inf)
+        return all_reduce_min(bad.to(self.device, torch.float64).reshape(1)).item()
 
     def read(self) -> dict[str, float]:
-        """{'loss': mean over the window's micro-batches, 'images_per_s'}; starts a new window."""
-        totals = all_reduce_sum(torch.tensor([self.loss, self.images, self.batches], dtype=torch.float64))
+        """Every value's mean over the window and the processes, and 'images_per_s'; starts a new window
+        (collective: the one time the window waits for the device)."""
+        keys = list(self.sums)
+        sums = [torch.as_tensor(self.sums[key], dtype=torch.float64, device=self.device) for key in keys]
+        counts = torch.tensor([*(self.counts[key] for key in keys), self.images], dtype=torch.float64)
+        totals = all_reduce_sum(torch.cat([torch.stack(sums), counts.to(self.device)])).tolist()
         elapsed = time.perf_counter() - self.start
         self.reset()
-        return {"loss": totals[0].item() / totals[2].item(), "images_per_s": totals[1].item() / elapsed}
+        means = {key: totals[i] / totals[len(keys) + i] for i, key in enumerate(keys)}
+        return means | {"images_per_s": totals[-1] / elapsed}
 
 
 def train_one_epoch(
@@ -222,12 +276,15 @@ def train_one_epoch(
 ) -> None:
     """Train from ``state.position`` to the end of its epoch.
 
-    ``after_step(values)`` follows every optimizer step; ``values`` (loss, lr, speed, ...) are given
-    every ``log_every`` steps and at the epoch's last step, None otherwise.
+    ``after_step(values)`` follows every optimizer step; ``values`` (loss and the task's logged values,
+    averaged since the last logged step; lr, speed, the mean clipped gradient norm) are given every
+    ``log_every`` steps and at the epoch's last step, None otherwise. Nothing is read from the device
+    between those steps. At them, and at checkpoint steps, every process checks that no loss was
+    NaN or infinite and stops with :class:`NonFiniteLoss` otherwise.
     """
     run, position, device = state.run, state.position, state.processes.device
     state.model.train()
-    window = LossWindow()
+    window = LossWindow(device)
     for micro, (images, labels) in loader.epoch(position):
         if micro % run.accum_iter == 0:
             lr = state.set_lr(position.epoch + micro / loader.micro_batches)
@@ -238,20 +295,19 @@ def train_one_epoch(
         with state.sync_gradients(update):
             with autocast(device):
                 loss, logs = task.loss(state.model, images, labels, torch.Generator().manual_seed(seed))
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"loss is {loss_value} at epoch {position.epoch}, step {position.step}; stopping. "
-                    "Lower the lr, or clip gradients (--clip_grad)."
-                )
             (loss / run.accum_iter).backward()
-        window.add(loss_value, images.shape[0])
+        window.add_batch(loss, logs, images.shape[0], position.global_step + 1)
         if not update:
             continue
         grad_norm = state.step()
-        values = None
+        if grad_norm is not None:
+            window.add({"grad_norm": grad_norm})
         # The run's first step is logged too: a short run shows its start before log_every steps.
-        if position.step % run.log_every == 0 or position.step == loader.steps_per_epoch or position.global_step == 1:
+        logged = position.step % run.log_every == 0 or position.step == loader.steps_per_epoch
+        logged = logged or position.global_step == 1
+        if logged or (run.ckpt_every and position.global_step % run.ckpt_every == 0):
+            stop_if_not_finite(window.first_non_finite(), position.epoch)
+        values = None
+        if logged:
             values = {"epoch": position.epoch + position.step / loader.steps_per_epoch, **window.read(), "lr": lr}
-            values |= logs | ({"grad_norm": grad_norm} if grad_norm is not None else {})
         after_step(values)
