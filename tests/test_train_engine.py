@@ -203,7 +203,8 @@ def test_a_cuda_run_joins_one_group_that_carries_its_cpu_bookkeeping(monkeypatch
         assert processes == Processes(rank=1, world_size=2, device=torch.device("cuda", 1))
     assert devices == [torch.device("cuda", 1)]
     [(args, kwargs)] = joined_with
-    backends = BackendConfig(dist.Backend((args + (kwargs.get("backend"),))[0])).get_device_backend_map()
+    backend = args[0] if args else kwargs["backend"]
+    backends = BackendConfig(dist.Backend(backend)).get_device_backend_map()
     assert backends == {"cpu": "gloo", "cuda": "nccl"}
     assert "cpu" not in BackendConfig(dist.Backend("nccl")).get_device_backend_map()  # the rule it replaces
     monkeypatch.undo()
