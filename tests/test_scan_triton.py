@@ -5,6 +5,7 @@ so the shapes are small; they still cross chunk boundaries, mask channels and st
 every channel-block layout the launcher picks.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -16,7 +17,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from starmamba.ops.scan_triton import CHUNK, LaunchConfig, launch_config, scan_triton, triton_status
+from starmamba.ops import scan_triton as module
+from starmamba.ops.scan_triton import (
+    CHUNK,
+    LaunchConfig,
+    SmLimits,
+    launch_config,
+    programs_per_sm,
+    scan_triton,
+    triton_status,
+)
 from test_scan import recurrence_float64
 
 OPTIONS = ("D", "z", "delta_bias")
@@ -127,6 +137,80 @@ def test_launch_config_keeps_blocks_within_groups():
     assert launch_config(32, 1024, 1, 16) == LaunchConfig(block_d=32, block_n=16, num_warps=4)
     assert launch_config(128, 3072, 4, 16) == LaunchConfig(block_d=64, block_n=16, num_warps=4)
     assert launch_config(2, 8, 8, 5) == LaunchConfig(block_d=1, block_n=8, num_warps=1)
+
+
+class Launches:
+    """Stands in for a kernel: records each launch's grid, the device guard it ran under and its arguments."""
+
+    def __init__(self, kernel, guard: list) -> None:
+        self.kernel, self.guard, self.seen = kernel, guard, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append((grid, list(self.guard), args))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """(forward, backward) launch records; ``_on_device`` is replaced by a guard that records its device."""
+    guard = []
+
+    @contextlib.contextmanager
+    def on_device(device):
+        guard.append(device)
+        yield
+        guard.pop()
+
+    monkeypatch.setattr(module, "_on_device", on_device)
+    kernels = Launches(module._scan_fwd_kernel, guard), Launches(module._scan_bwd_kernel, guard)
+    monkeypatch.setattr(module, "_scan_fwd_kernel", kernels[0])
+    monkeypatch.setattr(module, "_scan_bwd_kernel", kernels[1])
+    return kernels
+
+
+def test_every_launch_runs_on_the_inputs_device(launches):
+    check(make_inputs(1, 16, 4, 9, 1, seed=10))
+    forward, backward = launches
+    assert len(forward.seen) == len(backward.seen) == 1
+    assert [guard for _, guard, _ in forward.seen + backward.seen] == [[torch.device("cpu")]] * 2
+
+
+def test_the_device_guard_is_cudas_for_cuda_tensors(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    with module._on_device(torch.device("cuda", 1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_without_gradients_the_forward_keeps_no_chunk_states(launches):
+    inputs = make_inputs(2, 16, 4, 3 * CHUNK + 2, 1, seed=11)
+    y, last = scan_triton(**inputs, delta_softplus=True, return_last_state=True)
+    with torch.no_grad():
+        y_nograd, last_nograd = scan_triton(**inputs, delta_softplus=True, return_last_state=True)
+    assert torch.equal(y, y_nograd) and torch.equal(last, last_nograd)
+    assert y_nograd.grad_fn is None
+    states_shapes = [args[9].shape for _, _, args in launches[0].seen]
+    assert states_shapes == [(2, 4 + 1, 16, 4), (2, 1, 16, 4)]  # every chunk's entering state, then the last only
+
+
+@pytest.mark.parametrize(
+    "registers,shared,warps,limits,expected",
+    [
+        (166, 0, 4, SmLimits(2048, 233472), 3),  # 168 x 32 x 4 = 21504 registers a program: 3 in 65536
+        (158, 0, 4, SmLimits(2048, 233472), 3),  # 160 x 128 = 20480: 3.2
+        (128, 0, 4, SmLimits(2048, 167936), 4),  # exactly 4
+        (32, 0, 4, SmLimits(2048, 167936), 16),  # 16 by registers, and 2048 threads hold 16 programs of 128
+        (32, 0, 1, SmLimits(2048, 167936), 32),  # 64 by registers and by threads, 32 programs at most
+        (96, 60000, 2, SmLimits(2048, 167936), 2),  # shared memory: 167936 // 60000
+        (255, 0, 8, SmLimits(1536, 102400), 1),
+    ],
+)
+def test_programs_per_sm_is_what_registers_threads_and_shared_memory_allow(registers, shared, warps, limits, expected):
+    assert programs_per_sm(registers, shared, warps, limits) == expected
 
 
 def test_bad_inputs_are_named():
