@@ -147,7 +147,7 @@ class Launches:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.seen.append((grid, list(self.guard), args))
+            self.seen.append((grid, list(self.guard), args, kwargs))
             return self.kernel[grid](*args, **kwargs)
 
         return launch
@@ -175,7 +175,7 @@ def test_every_launch_runs_on_the_inputs_device(launches):
     check(make_inputs(1, 16, 4, 9, 1, seed=10))
     forward, backward = launches
     assert len(forward.seen) == len(backward.seen) == 1
-    assert [guard for _, guard, _ in forward.seen + backward.seen] == [[torch.device("cpu")]] * 2
+    assert [guard for _, guard, _, _ in forward.seen + backward.seen] == [[torch.device("cpu")]] * 2
 
 
 def test_the_device_guard_is_cudas_for_cuda_tensors(monkeypatch):
@@ -193,8 +193,23 @@ def test_without_gradients_the_forward_keeps_no_chunk_states(launches):
         y_nograd, last_nograd = scan_triton(**inputs, delta_softplus=True, return_last_state=True)
     assert torch.equal(y, y_nograd) and torch.equal(last, last_nograd)
     assert y_nograd.grad_fn is None
-    states_shapes = [args[9].shape for _, _, args in launches[0].seen]
+    states_shapes = [args[9].shape for _, _, args, _ in launches[0].seen]
     assert states_shapes == [(2, 4 + 1, 16, 4), (2, 1, 16, 4)]  # every chunk's entering state, then the last only
+
+
+def test_warm_up_compiles_what_a_bf16_training_step_and_its_evaluation_launch(launches, monkeypatch):
+    from starmamba.ops.scan import run_dtype, warm_up
+
+    assert run_dtype(torch.device("cuda")) == torch.bfloat16  # CUDA trains under bf16 autocast
+    monkeypatch.setenv("STARMAMBA_SCAN_BACKEND", "triton")
+    assert warm_up("cpu", torch.bfloat16) == "triton"
+    forward, backward = launches
+    # Inputs in bf16, A, D and the bias in fp32 (as models keep them); with and without chunk states.
+    assert [(args[0].dtype, args[2].dtype, kwargs["KEEP_CHUNKS"]) for _, _, args, kwargs in forward.seen] == [
+        (torch.bfloat16, torch.float32, False),
+        (torch.bfloat16, torch.float32, True),
+    ]
+    assert [(args[0].dtype, args[8].dtype) for _, _, args, _ in backward.seen] == [(torch.bfloat16, torch.bfloat16)]
 
 
 @pytest.mark.parametrize(
@@ -256,3 +271,14 @@ def test_kernels_compile_for_sm80_and_sm90_without_spilling(tmp_path):
     }
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled
+    # The backward's grid holds as many programs per SM as its registers, threads and shared memory allow.
+    limits = {80: SmLimits(2048, 167936), 90: SmLimits(2048, 233472)}
+
+    def fit(programs, row):
+        warps, sm = row["num_warps"], limits[row["sm"]]
+        registers = programs * warps * -(-row["registers"] * 32 // 256) * 256
+        return (registers <= sm.registers and programs * warps * 32 <= sm.max_threads and programs <= 32
+                and programs * row["shared"] <= sm.shared_bytes)  # fmt: skip
+
+    backward = [r for r in rows if r["kernel"] == "backward"]
+    assert all(fit(r["programs_per_sm"], r) and not fit(r["programs_per_sm"] + 1, r) for r in backward), backward

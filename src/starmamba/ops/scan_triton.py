@@ -312,15 +312,13 @@ def _softplus(x):
 
 
 @triton.jit
-def _step_inputs(u_ptrs, delta_ptrs, B_ptrs, bias, mask_d, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Load one step's u, B row and discretised dt (fp32), and delta + bias, the argument of softplus."""
-    u_t = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-    dt_in = tl.load(delta_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+def _discretise(u_raw, delta_raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """One step's u and dt in fp32 from their loaded values, and delta + bias, the argument of softplus."""
+    dt_in = delta_raw.to(tl.float32)
     if HAS_BIAS:
         dt_in += bias
     dt = _softplus(dt_in) if SOFTPLUS else dt_in
-    B_t = tl.load(B_ptrs).to(tl.float32)
-    return u_t, dt, dt_in, B_t
+    return u_raw.to(tl.float32), dt, dt_in
 
 
 @triton.jit
@@ -356,21 +354,32 @@ def _scan_fwd_kernel(
     states = states_ptr + batch * n_kept * dim * D_STATE
 
     h = tl.zeros((BLOCK_D, D_STATE), dtype=tl.float32)
+    # Every step's inputs are loaded one step ahead (the last step's twice), so that their latency
+    # hides behind the previous step's arithmetic instead of stalling the recurrence.
+    u_next = tl.load(u_seq + rows, mask=mask_d, other=0.0)
+    delta_next = tl.load(delta_seq + rows, mask=mask_d, other=0.0)
+    z_next = tl.load(z_seq + rows, mask=mask_d, other=0.0)  # z_seq is u's when there is no z
+    B_next, C_next = tl.load(B_seq + cols), tl.load(C_seq + cols)
     for chunk in range(0, n_chunks):
         if KEEP_CHUNKS:
             tl.store(states + chunk * dim * D_STATE + state_offsets, h, mask=mask_d[:, None])
         for t in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, length)):
-            u_t, dt, _, B_t = _step_inputs(
-                u_seq + t * dim + rows, delta_seq + t * dim + rows, B_seq + t * D_STATE + cols, bias, mask_d,
-                HAS_BIAS, SOFTPLUS,
-            )  # fmt: skip
-            C_t = tl.load(C_seq + t * D_STATE + cols).to(tl.float32)
+            u_raw, delta_raw, z_raw, B_raw, C_raw = u_next, delta_next, z_next, B_next, C_next
+            ahead = tl.minimum(t + 1, length - 1)
+            u_next = tl.load(u_seq + ahead * dim + rows, mask=mask_d, other=0.0)
+            delta_next = tl.load(delta_seq + ahead * dim + rows, mask=mask_d, other=0.0)
+            if HAS_Z:
+                z_next = tl.load(z_seq + ahead * dim + rows, mask=mask_d, other=0.0)
+            B_next, C_next = tl.load(B_seq + ahead * D_STATE + cols), tl.load(C_seq + ahead * D_STATE + cols)
+
+            u_t, dt, _ = _discretise(u_raw, delta_raw, bias, HAS_BIAS, SOFTPLUS)
+            B_t, C_t = B_raw.to(tl.float32), C_raw.to(tl.float32)
             h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_t[None, :]
             y_t = tl.sum(h * C_t[None, :], axis=1)
             if HAS_D:
                 y_t += D * u_t
             if HAS_Z:
-                z_t = tl.load(z_seq + t * dim + rows, mask=mask_d, other=0.0).to(tl.float32)
+                z_t = z_raw.to(tl.float32)
                 y_t *= z_t * tl.sigmoid(z_t)
             tl.store(y_seq + t * dim + rows, y_t, mask=mask_d)
     tl.store(states + (n_kept - 1) * dim * D_STATE + state_offsets, h, mask=mask_d[:, None])
@@ -429,23 +438,29 @@ def _scan_bwd_kernel(
             # Recompute the chunk's states: slot j of the scratch holds the state before step t0 + j.
             h = tl.load(states + chunk * dim * D_STATE + state_offsets, mask=mask_d[:, None], other=0.0)
             tl.store(scratch + tile_offsets, h)
+            # Inputs loaded one step ahead, as in the forward.
+            u_next = tl.load(u_seq + t0 * dim + rows, mask=mask_d, other=0.0)
+            delta_next = tl.load(delta_seq + t0 * dim + rows, mask=mask_d, other=0.0)
+            B_next = tl.load(B_seq + t0 * D_STATE + cols)
             for j in range(0, steps):
-                t = t0 + j
-                u_t, dt, _, B_t = _step_inputs(
-                    u_seq + t * dim + rows, delta_seq + t * dim + rows, B_seq + t * D_STATE + cols, bias, mask_d,
-                    HAS_BIAS, SOFTPLUS,
-                )  # fmt: skip
-                h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_t[None, :]
+                u_raw, delta_raw, B_raw = u_next, delta_next, B_next
+                ahead = t0 + tl.minimum(j + 1, steps - 1)
+                u_next = tl.load(u_seq + ahead * dim + rows, mask=mask_d, other=0.0)
+                delta_next = tl.load(delta_seq + ahead * dim + rows, mask=mask_d, other=0.0)
+                B_next = tl.load(B_seq + ahead * D_STATE + cols)
+                u_t, dt, _ = _discretise(u_raw, delta_raw, bias, HAS_BIAS, SOFTPLUS)
+                h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_raw.to(tl.float32)[None, :]
                 tl.store(scratch + (j + 1) * BLOCK_D * D_STATE + tile_offsets, h)
             # Triton may give the loads below another thread layout than the stores above.
             tl.debug_barrier()
             for i in range(0, steps):
                 j = steps - 1 - i
                 t = t0 + j
-                u_t, dt, dt_in, B_t = _step_inputs(
-                    u_seq + t * dim + rows, delta_seq + t * dim + rows, B_seq + t * D_STATE + cols, bias, mask_d,
-                    HAS_BIAS, SOFTPLUS,
+                u_t, dt, dt_in = _discretise(
+                    tl.load(u_seq + t * dim + rows, mask=mask_d, other=0.0),
+                    tl.load(delta_seq + t * dim + rows, mask=mask_d, other=0.0), bias, HAS_BIAS, SOFTPLUS,
                 )  # fmt: skip
+                B_t = tl.load(B_seq + t * D_STATE + cols).to(tl.float32)
                 C_t = tl.load(C_seq + t * D_STATE + cols).to(tl.float32)
                 gy = tl.load(gy_seq + t * dim + rows, mask=mask_d, other=0.0).to(tl.float32)
                 h_prev = tl.load(scratch + j * BLOCK_D * D_STATE + tile_offsets)
