@@ -219,3 +219,8 @@ def test_a_cuda_run_joins_one_group_that_carries_its_cpu_bookkeeping(monkeypatch
         assert {k: v for k, v in window.read().items() if k != "images_per_s"} == {"loss": 3.0, "part": 1.0}
     finally:
         dist.destroy_process_group()
+
+
+def test_the_grad_checkpointing_option_turns_on_the_models_checkpointing(tmp_path):
+    assert not state_of(config(tmp_path), seed=0).module.encoder.grad_checkpointing
+    assert state_of(config(tmp_path, grad_checkpointing=True), seed=0).module.encoder.grad_checkpointing
