@@ -232,7 +232,7 @@ def test_grad_checkpointing_gives_the_same_gradients_and_keeps_less(family, monk
     assert grads.keys() == grads_ckpt.keys() and len(grads) == len(list(model.parameters()))
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-12, atol=1e-14, msg=name)
-    assert kept_ckpt < kept / 2
+    assert kept_ckpt < 0.6 * kept  # the encoder's activations go; STAR's decoder keeps its own
     # Without gradients nothing is recorded, so nothing is checkpointed.
     monkeypatch.setattr("starmamba.models.backbone.checkpoint", lambda *args, **kwargs: pytest.fail("checkpointed"))
     with torch.no_grad():
