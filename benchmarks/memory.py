@@ -51,9 +51,8 @@ class _NoLaunch:
 def efficient_attention(q, k, v, attn_mask=None):
     """``F.scaled_dot_product_attention`` with a boolean mask, as the memory-efficient kernel computes it."""
     bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
-    return torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, k, v, bias.expand(q.shape[0], q.shape[1], -1, -1), True
-    )[0]
+    bias = bias.expand(q.shape[0], q.shape[1], -1, -1)
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True)[0]
 
 
 @contextlib.contextmanager
