@@ -224,3 +224,17 @@ def test_a_cuda_run_joins_one_group_that_carries_its_cpu_bookkeeping(monkeypatch
 def test_the_grad_checkpointing_option_turns_on_the_models_checkpointing(tmp_path):
     assert not state_of(config(tmp_path), seed=0).module.encoder.grad_checkpointing
     assert state_of(config(tmp_path, grad_checkpointing=True), seed=0).module.encoder.grad_checkpointing
+
+
+def test_workers_kept_across_epochs_augment_each_epoch_as_the_main_process_does(tmp_path):
+    from starmamba.data import FinetuneTransform
+
+    data = build_dataset("synthetic", "train", limit=8)
+    augmented = Augmented(data, FinetuneTransform(16, data.info.mean, data.info.std, scale=(0.2, 1.0), reprob=0.0))
+    for workers in (0, 1):
+        batches = TrainLoader(augmented, config(tmp_path, batch_size=8, num_workers=workers), CPU)
+        assert batches.loader.persistent_workers == (workers > 0)
+        for epoch in (0, 1, 2):
+            images = next(images for _, (images, _) in batches.epoch(Position(epoch=epoch)))
+            augmented.set_epoch(epoch)  # the same images, augmented for this epoch here
+            assert torch.equal(images, torch.stack([augmented[i][0] for i in batches.sampler])), (workers, epoch)

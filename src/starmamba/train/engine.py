@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from starmamba.errors import RunError
@@ -164,8 +164,39 @@ class TrainState:
         return grad_norm
 
 
+class _EpochTagged(Sampler[tuple[int, int]]):
+    """A :class:`TrainSampler`'s indices as (epoch, index): DataLoader workers kept alive across epochs hold
+    their own copy of the data set, so the epoch its augmentations are drawn for travels with each index."""
+
+    def __init__(self, sampler: TrainSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.sampler.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _AtEpoch(Dataset):
+    """Items (epoch, index) of :class:`_EpochTagged`: ``dataset[index]`` as augmented in ``epoch``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        epoch, index = item
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
 class TrainLoader:
-    """The training batches of every epoch: this process's share, resumable at any step."""
+    """The training batches of every epoch: this process's share, resumable at any step. Its data-loading
+    workers live as long as it does."""
 
     def __init__(self, dataset: Dataset, run: RunConfig, processes: Processes) -> None:
         self.dataset, self.run = dataset, run
@@ -174,8 +205,9 @@ class TrainLoader:
         if self.steps_per_epoch == 0:
             raise ValueError(f"an epoch of {self.sampler.batches} batches is shorter than accum_iter={run.accum_iter}")
         self.loader = DataLoader(
-            dataset, batch_size=run.batch_size, sampler=self.sampler, num_workers=run.num_workers,
-            pin_memory=processes.device.type == "cuda", persistent_workers=run.num_workers > 0,
+            _AtEpoch(dataset), batch_size=run.batch_size, sampler=_EpochTagged(self.sampler),
+            num_workers=run.num_workers, pin_memory=processes.device.type == "cuda",
+            persistent_workers=run.num_workers > 0,
         )  # fmt: skip
         # A bar only on a terminal: in a log file its carriage-return frames pile up (run_job
         # prints plain lines there instead).
@@ -190,8 +222,6 @@ class TrainLoader:
     def epoch(self, position: Position) -> Iterator[tuple[int, tuple[Tensor, Tensor]]]:
         """(micro-batch index in the epoch, (images, labels)) from ``position`` to the epoch's end."""
         start = position.step * self.run.accum_iter
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(position.epoch)
         self.sampler.set_epoch(position.epoch, skip_batches=start)
         self.bar = tqdm(
             self.loader, desc=f"epoch {position.epoch + 1}/{self.run.epochs}", total=self.micro_batches,
