@@ -89,8 +89,8 @@ class RunConfig:
     progress: bool = True
     """show a progress bar"""
     grad_checkpointing: bool = False
-    """recompute each block's activations in the backward pass instead of keeping them: much less memory
-    (benchmarks/memory.py) for about a third more compute"""
+    """recompute each encoder block's activations in the backward pass instead of keeping them: much less
+    memory (benchmarks/memory.py) for one more forward pass of the encoder"""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "accum_iter", "epochs", "keep_checkpoints", "log_every"):
