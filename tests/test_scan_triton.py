@@ -228,6 +228,35 @@ def test_programs_per_sm_is_what_registers_threads_and_shared_memory_allow(regis
     assert programs_per_sm(registers, shared, warps, limits) == expected
 
 
+def test_the_backward_grid_is_what_the_compiled_kernel_fits_on_every_sm(monkeypatch):
+    compiled = []
+
+    class Compiled:  # what warmup() gives on a GPU: registers and shared memory known after loading
+        def __init__(self, options):
+            self.options, self.n_regs, self.metadata = options, None, type("Metadata", (), {"shared": 256})
+
+        def _init_handles(self):
+            self.n_regs = 166
+
+    class Kernel:
+        def warmup(self, *args, grid, **options):
+            compiled.append(Compiled(options))
+            return compiled[-1]
+
+    properties = type("Properties", (), {"multi_processor_count": 132, "max_threads_per_multi_processor": 2048,
+                                         "shared_memory_per_multiprocessor": 233472})  # fmt: skip
+    monkeypatch.setattr(module, "_scan_bwd_kernel", Kernel())
+    monkeypatch.setattr(module, "_PER_SM", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    cfg, args, options = LaunchConfig(64, 16, 4), (torch.zeros(1),), {"num_warps": 4, "BLOCK_D": 64}
+    cuda = torch.device("cuda", 0)
+    # 166 registers a thread: 3 programs of 4 warps per SM, on each of the 132 SMs.
+    assert module._backward_programs(10_000, cuda, cfg, args, (), options) == 3 * 132
+    assert module._backward_programs(100, cuda, cfg, args, (), options) == 100  # no more programs than tiles
+    assert len(compiled) == 1 and compiled[0].options == options  # compiled once per specialisation
+    assert module._backward_programs(100, torch.device("cpu"), cfg, args, (), options) == 100  # interpreted
+
+
 def test_bad_inputs_are_named():
     inputs = {k: v.detach() for k, v in make_inputs(1, 8, 4, 5, 2).items()}
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
