@@ -1,15 +1,18 @@
 """Fused selective scan for GPUs in Triton: forward and hand-written backward, nothing compiled at install.
 
 Each program owns one batch element and a block of BLOCK_D channels, holds their (BLOCK_D, d_state)
-state in fp32 registers and walks the sequence one step at a time. The (batch, length, dim)
-tensors are read time-major, so every step loads one contiguous row of channels. Discretisation
-(softplus(delta + bias), exp(dt A)), the D skip and the z gate happen inside the kernel.
+state in fp32 registers and walks the sequence one step at a time, loading each step's inputs while
+the step before computes. The (batch, length, dim) tensors are read time-major, so every step loads
+one contiguous row of channels. Discretisation (softplus(delta + bias), exp(dt A)), the D skip and
+the z gate happen inside the kernel.
 
 Like mamba_ssm's CUDA kernel, the forward keeps only the state entering every CHUNK-th step. The
 backward walks the chunks last to first: it recomputes a chunk's states into a small per-program
 scratch buffer, then runs the adjoint recurrence backwards through it. Gradients that sum over
 programs (A, B, C, D, delta_bias) are written as per-program partials and summed by torch
-afterwards, so results are deterministic (no atomics).
+afterwards, so results are deterministic (no atomics). The backward's grid is as many programs as
+fit on the GPU at once, from the compiled kernel's registers and shared memory. Without gradients
+to compute, the forward keeps nothing for a backward pass.
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on CPU tensors,
 which is how the tests check them without a GPU.
