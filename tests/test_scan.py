@@ -188,6 +188,26 @@ def test_chunk_boundaries_do_not_matter():
         torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
 
 
+def test_chunked_without_gradients_keeps_one_entering_state_and_gives_the_same_scan(monkeypatch):
+    from starmamba.ops import scan_chunked as module
+
+    u, dt, A, B, C = (t.requires_grad_() for t in core_inputs_float64(make_inputs(1, 4, 3, 50, seed=12)))
+    kept, real = [], module._forward
+
+    def forward(*args, keep_entering):
+        y, h, entering = real(*args, keep_entering=keep_entering)
+        kept.append(entering.shape[0])
+        return y, h, entering
+
+    monkeypatch.setattr(module, "_forward", forward)
+    for chunk in (1, 7):
+        y, h = module.scan_chunked(u, dt, A, B, C, chunk=chunk)
+        with torch.no_grad():
+            y_nograd, h_nograd = module.scan_chunked(u, dt, A, B, C, chunk=chunk)
+        assert torch.equal(y, y_nograd) and torch.equal(h, h_nograd)
+    assert kept == [50, 1, 8, 1]  # every chunk's entering state with gradients, one without
+
+
 def test_chunked_gradients_pass_gradcheck_in_float64():
     from starmamba.ops.scan_chunked import scan_chunked
 

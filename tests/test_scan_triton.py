@@ -5,6 +5,7 @@ so the shapes are small; they still cross chunk boundaries, mask channels and st
 every channel-block layout the launcher picks.
 """
 
+import contextlib
 import json
 import os
 import subprocess
@@ -16,7 +17,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from starmamba.ops.scan_triton import CHUNK, LaunchConfig, launch_config, scan_triton, triton_status
+from starmamba.ops import scan_triton as module
+from starmamba.ops.scan_triton import (
+    CHUNK,
+    LaunchConfig,
+    SmLimits,
+    launch_config,
+    programs_per_sm,
+    scan_triton,
+    triton_status,
+)
 from test_scan import recurrence_float64
 
 OPTIONS = ("D", "z", "delta_bias")
@@ -129,6 +139,124 @@ def test_launch_config_keeps_blocks_within_groups():
     assert launch_config(2, 8, 8, 5) == LaunchConfig(block_d=1, block_n=8, num_warps=1)
 
 
+class Launches:
+    """Stands in for a kernel: records each launch's grid, the device guard it ran under and its arguments."""
+
+    def __init__(self, kernel, guard: list) -> None:
+        self.kernel, self.guard, self.seen = kernel, guard, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append((grid, list(self.guard), args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """(forward, backward) launch records; ``_on_device`` is replaced by a guard that records its device."""
+    guard = []
+
+    @contextlib.contextmanager
+    def on_device(device):
+        guard.append(device)
+        yield
+        guard.pop()
+
+    monkeypatch.setattr(module, "_on_device", on_device)
+    kernels = Launches(module._scan_fwd_kernel, guard), Launches(module._scan_bwd_kernel, guard)
+    monkeypatch.setattr(module, "_scan_fwd_kernel", kernels[0])
+    monkeypatch.setattr(module, "_scan_bwd_kernel", kernels[1])
+    return kernels
+
+
+def test_every_launch_runs_on_the_inputs_device(launches):
+    check(make_inputs(1, 16, 4, 9, 1, seed=10))
+    forward, backward = launches
+    assert len(forward.seen) == len(backward.seen) == 1
+    assert [guard for _, guard, _, _ in forward.seen + backward.seen] == [[torch.device("cpu")]] * 2
+
+
+def test_the_device_guard_is_cudas_for_cuda_tensors(monkeypatch):
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    with module._on_device(torch.device("cuda", 1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
+def test_without_gradients_the_forward_keeps_no_chunk_states(launches):
+    inputs = make_inputs(2, 16, 4, 3 * CHUNK + 2, 1, seed=11)
+    y, last = scan_triton(**inputs, delta_softplus=True, return_last_state=True)
+    with torch.no_grad():
+        y_nograd, last_nograd = scan_triton(**inputs, delta_softplus=True, return_last_state=True)
+    assert torch.equal(y, y_nograd) and torch.equal(last, last_nograd)
+    assert y_nograd.grad_fn is None
+    states_shapes = [args[9].shape for _, _, args, _ in launches[0].seen]
+    assert states_shapes == [(2, 4 + 1, 16, 4), (2, 1, 16, 4)]  # every chunk's entering state, then the last only
+
+
+def test_warm_up_compiles_what_a_bf16_training_step_and_its_evaluation_launch(launches, monkeypatch):
+    from starmamba.ops.scan import run_dtype, warm_up
+
+    assert run_dtype(torch.device("cuda")) == torch.bfloat16  # CUDA trains under bf16 autocast
+    monkeypatch.setenv("STARMAMBA_SCAN_BACKEND", "triton")
+    assert warm_up("cpu", torch.bfloat16) == "triton"
+    forward, backward = launches
+    # Inputs in bf16, A, D and the bias in fp32 (as models keep them); with and without chunk states.
+    assert [(args[0].dtype, args[2].dtype, kwargs["KEEP_CHUNKS"]) for _, _, args, kwargs in forward.seen] == [
+        (torch.bfloat16, torch.float32, False),
+        (torch.bfloat16, torch.float32, True),
+    ]
+    assert [(args[0].dtype, args[8].dtype) for _, _, args, _ in backward.seen] == [(torch.bfloat16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize(
+    "registers,shared,warps,limits,expected",
+    [
+        (166, 0, 4, SmLimits(2048, 233472), 3),  # 168 x 32 x 4 = 21504 registers a program: 3 in 65536
+        (158, 0, 4, SmLimits(2048, 233472), 3),  # 160 x 128 = 20480: 3.2
+        (128, 0, 4, SmLimits(2048, 167936), 4),  # exactly 4
+        (32, 0, 4, SmLimits(2048, 167936), 16),  # 16 by registers, and 2048 threads hold 16 programs of 128
+        (32, 0, 1, SmLimits(2048, 167936), 32),  # 64 by registers and by threads, 32 programs at most
+        (96, 60000, 2, SmLimits(2048, 167936), 2),  # shared memory: 167936 // 60000
+        (255, 0, 8, SmLimits(1536, 102400), 1),
+    ],
+)
+def test_programs_per_sm_is_what_registers_threads_and_shared_memory_allow(registers, shared, warps, limits, expected):
+    assert programs_per_sm(registers, shared, warps, limits) == expected
+
+
+def test_the_backward_grid_is_what_the_compiled_kernel_fits_on_every_sm(monkeypatch):
+    compiled = []
+
+    class Compiled:  # what warmup() gives on a GPU: registers and shared memory known after loading
+        def __init__(self, options):
+            self.options, self.n_regs, self.metadata = options, None, type("Metadata", (), {"shared": 256})
+
+        def _init_handles(self):
+            self.n_regs = 166
+
+    class Kernel:
+        def warmup(self, *args, grid, **options):
+            compiled.append(Compiled(options))
+            return compiled[-1]
+
+    properties = type("Properties", (), {"multi_processor_count": 132, "max_threads_per_multi_processor": 2048,
+                                         "shared_memory_per_multiprocessor": 233472})  # fmt: skip
+    monkeypatch.setattr(module, "_scan_bwd_kernel", Kernel())
+    monkeypatch.setattr(module, "_PER_SM", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    cfg, args, options = LaunchConfig(64, 16, 4), (torch.zeros(1),), {"num_warps": 4, "BLOCK_D": 64}
+    cuda = torch.device("cuda", 0)
+    # 166 registers a thread: 3 programs of 4 warps per SM, on each of the 132 SMs.
+    assert module._backward_programs(10_000, cuda, cfg, args, (), options) == 3 * 132
+    assert module._backward_programs(100, cuda, cfg, args, (), options) == 100  # no more programs than tiles
+    assert len(compiled) == 1 and compiled[0].options == options  # compiled once per specialisation
+    assert module._backward_programs(100, torch.device("cpu"), cfg, args, (), options) == 100  # interpreted
+
+
 def test_bad_inputs_are_named():
     inputs = {k: v.detach() for k, v in make_inputs(1, 8, 4, 5, 2).items()}
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
@@ -172,3 +300,14 @@ def test_kernels_compile_for_sm80_and_sm90_without_spilling(tmp_path):
     }
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled
+    # The backward's grid holds as many programs per SM as its registers, threads and shared memory allow.
+    limits = {80: SmLimits(2048, 167936), 90: SmLimits(2048, 233472)}
+
+    def fit(programs, row):
+        warps, sm = row["num_warps"], limits[row["sm"]]
+        registers = programs * warps * -(-row["registers"] * 32 // 256) * 256
+        return (registers <= sm.registers and programs * warps * 32 <= sm.max_threads and programs <= 32
+                and programs * row["shared"] <= sm.shared_bytes)  # fmt: skip
+
+    backward = [r for r in rows if r["kernel"] == "backward"]
+    assert all(fit(r["programs_per_sm"], r) and not fit(r["programs_per_sm"] + 1, r) for r in backward), backward

@@ -191,3 +191,49 @@ def test_pretrained_cfg_is_timms_data_config():
     assert model.pretrained_cfg["input_size"] == (3, 48, 48)  # follows the model, not what was stored
     model.reset_classifier(4)
     assert model.pretrained_cfg["num_classes"] == 4
+
+
+def saved_bytes(model, run) -> tuple[object, int]:
+    """``run()``'s output and the bytes of the activations it keeps for its backward pass (distinct storages;
+    ``model``'s parameters left out)."""
+    storages, parameters = {}, {p.untyped_storage()._cdata for p in model.parameters()}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in parameters:
+            storages[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = run()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("family", ["mambamlp", "star"])
+def test_grad_checkpointing_gives_the_same_gradients_and_keeps_less(family, monkeypatch):
+    overrides = dict(img_size=16, patch_size=4, dim=32, depth=3, drop_path=0.3)
+    if family == "star":
+        overrides |= dict(cluster_size=2, images_per_sequence=2, decoder_dim=32, decoder_head_dim=16)
+    torch.manual_seed(0)
+    model = create_model(f"{family}_tiny", **overrides).double().train()
+    x = images(4)
+    results = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        torch.manual_seed(3)  # the same drop-path draws, which the recomputation must replay
+        out, kept = saved_bytes(model, lambda: model(x))
+        loss = out.loss if family == "star" else out.pow(2).mean()
+        loss.backward()
+        parameters = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), parameters, kept))
+    (loss, grads, kept), (loss_ckpt, grads_ckpt, kept_ckpt) = results
+    assert torch.equal(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) == len(list(model.parameters()))
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+    assert kept_ckpt < 0.6 * kept  # the encoder's activations go; STAR's decoder keeps its own
+    # Without gradients nothing is recorded, so nothing is checkpointed.
+    monkeypatch.setattr("starmamba.models.backbone.checkpoint", lambda *args, **kwargs: pytest.fail("checkpointed"))
+    with torch.no_grad():
+        model(x)

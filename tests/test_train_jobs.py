@@ -168,6 +168,21 @@ def test_two_gloo_processes_from_different_seeds_agree_on_model_ema_and_optimize
     assert summary == {"world_size": 2, "shared": 0}  # each rank trained on its own images
 
 
+@pytest.mark.slow
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_line(tmp_path):
+    worker = Path(__file__).parent / "ddp_nan_worker.py"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+         str(tmp_path)], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    errors = [(tmp_path / f"error{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0] == errors[1] and "\n" not in errors[0], errors
+    assert "not finite (NaN or inf) at step 3 (epoch 1)" in errors[0]
+    # Checkpoints were saved every step; the last is the one before the NaN.
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-00000002"]
+
+
 @pytest.mark.parametrize("world_size, code, printed", [("1", 0, "kept|returned 3"), ("2", 3, "kept")])
 def test_end_process_ends_only_torchrun_processes_and_keeps_their_output(world_size, code, printed):
     script = (

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from starmamba.checks import check_choice, check_fraction, check_positive
 from starmamba.models.features import OutputFormat, feature_take_indices
@@ -157,12 +158,14 @@ class MambaMLP(nn.Module):
     """The trunk shared by STAR and the classifier: embed patches, run the blocks.
 
     Weights follow ARM: LeCun-normal patch embedding, zero biases, PyTorch's default elsewhere,
-    and every mixer's out_proj scaled by 1/sqrt(depth) (GPT-2's residual rescaling).
+    and every mixer's out_proj scaled by 1/sqrt(depth) (GPT-2's residual rescaling). With
+    ``grad_checkpointing`` a block keeps only its input for the backward pass and recomputes the rest.
     """
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim)
         pos = sincos_2d(cfg.dim, cfg.grid, cfg.grid)[None]
         if cfg.learnable_pos_embed:
@@ -188,9 +191,18 @@ class MambaMLP(nn.Module):
         """
         kept = []
         for i, block in enumerate(self.blocks, start=1):
-            x = block(x, orders)
+            x = self.run_block(block, x, orders)
             kept += [x] * keep.count(i)
         return x, kept
+
+    def run_block(self, block: Block, x: Tensor, orders: Tensor | None) -> Tensor:
+        """``block(x, orders)``, checkpointed when ``grad_checkpointing`` is on and gradients are recorded.
+
+        The recomputation replays the block's random draws (drop path), so gradients are unchanged.
+        """
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, orders, use_reentrant=False)
+        return block(x, orders)
 
 
 def skips_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -221,6 +233,10 @@ class AroundEncoder(nn.Module, HubMixin):
         stem = "|".join([r"encoder\.patch_embed\.", r"encoder\.pos_embed$", *own])
         head = "|".join([r"encoder\.", *own])
         return {"stem": f"^(?:{stem})", "blocks": r"^encoder\.blocks\.(\d+)\.", "head": f"^(?!{head})"}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's protocol: recompute every encoder block in the backward pass instead of keeping its activations."""
+        self.encoder.grad_checkpointing = enable
 
 
 @register("mambamlp", ClassifierConfig)
@@ -340,7 +356,7 @@ class MambaMLPClassifier(AroundEncoder):
         blocks = self.encoder.blocks[: last + 1] if stop_early or intermediates_only else self.encoder.blocks
         tokens, maps = self.tokens(x), []
         for i, block in enumerate(blocks):
-            tokens = block(tokens, self.scan_orders)
+            tokens = self.encoder.run_block(block, tokens, self.scan_orders)
             if i in take:
                 maps.append(self.patch_tokens(self.norm(tokens) if norm else tokens))
         if output_fmt == "NCHW":

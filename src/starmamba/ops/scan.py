@@ -151,18 +151,29 @@ def selective_scan(
     return (y, last_state) if return_last_state else y
 
 
-def warm_up(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> str:
+def run_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a training step feeds the scan on ``device``: bfloat16 on CUDA, where training runs under
+    bf16 autocast, float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def warm_up(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
     """Compile the default backend's kernels for ``device`` (default: CUDA if there is one, else the CPU)
-    and ``dtype`` with one tiny forward + backward (a JIT's first call costs seconds); returns the
+    and ``dtype`` (default: :func:`run_dtype`, what training feeds it) with one tiny forward + backward and
+    one forward without gradients (evaluation's), since a JIT's first call costs seconds; returns the
     backend's name. Timed comparisons call it first, so that no run timed pays for the compilation."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or run_dtype(device)
     generator = torch.Generator().manual_seed(0)
-    u, delta, z = (torch.randn(1, 2, 3, generator=generator, dtype=dtype).to(device) for _ in range(3))
-    B, C = (torch.randn(1, 1, 4, 3, generator=generator, dtype=dtype).to(device) for _ in range(2))
-    A = -torch.ones(2, 4, dtype=dtype, device=device)
-    D, bias = torch.ones(2, dtype=dtype, device=device), torch.zeros(2, dtype=dtype, device=device)
+    u, delta, z = (torch.randn(1, 2, 3, generator=generator).to(device, dtype) for _ in range(3))
+    B, C = (torch.randn(1, 1, 4, 3, generator=generator).to(device, dtype) for _ in range(2))
+    # A, D and the step's bias stay float32, as models keep them.
+    A = -torch.ones(2, 4, device=device)
+    D, bias = torch.ones(2, device=device), torch.zeros(2, device=device)
+    with torch.no_grad():
+        selective_scan(u, delta, A, B, C, D, z, bias, True)
     u.requires_grad_()
-    selective_scan(u, delta, A, B, C, D, z, bias, True).sum().backward()
+    selective_scan(u, delta, A, B, C, D, z, bias, True).float().sum().backward()
     return resolve_backend(None, device, dtype)
 
 

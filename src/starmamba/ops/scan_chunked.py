@@ -36,10 +36,13 @@ def scan_chunked(
 
     Shapes: u, dt (b, d, l); A (d, n); B, C (b, g, n, l). Returns y (b, d, l) and the last state
     (b, d, n); gradients flow to every input and through the last state too. ``chunk`` defaults to
-    :func:`chunk_length`.
+    :func:`chunk_length`. Without gradients to compute, no chunk's entering state is kept.
     """
     chunk = chunk or chunk_length(u.shape[0], u.shape[1], A.shape[1], u.device)
-    return _ChunkedScan.apply(u, dt, A, B, C, chunk)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, dt, A, B, C)):
+        return _ChunkedScan.apply(u, dt, A, B, C, chunk)
+    y, last, _ = _forward(u, dt, A, B, C, chunk, keep_entering=False)
+    return y, last
 
 
 def _time_major(x: Tensor, groups: int) -> Tensor:
@@ -76,32 +79,39 @@ def _recur(dA: Tensor, hs: Tensor, h0: Tensor) -> None:
         prev = cur
 
 
+def _forward(u, dt, A, B, C, chunk: int, keep_entering: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """y, the last state and the state entering every chunk (with ``keep_entering``; else the last chunk's)."""
+    batch, dim, length = u.shape
+    groups, d_state = B.shape[1], A.shape[1]
+    A_g = A.view(1, 1, groups, dim // groups, d_state)
+    u_tm, dt_tm, B_tm = _time_major(u, groups), _time_major(dt, groups), _state_major(B)
+    C_tm = _state_major(C)
+    starts = list(range(0, length, chunk))
+    buf_shape = (min(chunk, length), batch, groups, dim // groups, d_state)
+    dA_buf, hs_buf = u.new_empty(buf_shape), u.new_empty(buf_shape)
+    entering = u.new_empty((len(starts) if keep_entering else 1, *buf_shape[1:]))
+    y = u.new_empty(length, batch, groups, dim // groups)
+    h = u.new_zeros(buf_shape[1:])
+    for k, t0 in enumerate(starts):
+        t1 = min(t0 + chunk, length)
+        dA, hs = dA_buf[: t1 - t0], hs_buf[: t1 - t0]
+        slot = entering[k if keep_entering else 0]
+        slot.copy_(h)
+        _discretise(u_tm[t0:t1], dt_tm[t0:t1], A_g, B_tm[t0:t1], dA, hs)
+        _recur(dA, hs, slot)
+        y[t0:t1] = torch.einsum("tbgdn,tbgn->tbgd", hs, C_tm[t0:t1, :, :, 0])
+        h = hs[-1]  # copied into the next slot before the buffers are reused
+    return _from_time_major(y, u.shape), h.clone().reshape(batch, dim, d_state), entering
+
+
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, dt, A, B, C, chunk):
-        batch, dim, length = u.shape
-        groups, d_state = B.shape[1], A.shape[1]
-        A_g = A.view(1, 1, groups, dim // groups, d_state)
-        u_tm, dt_tm, B_tm = _time_major(u, groups), _time_major(dt, groups), _state_major(B)
-        C_tm = _state_major(C)
-        starts = list(range(0, length, chunk))
-        buf_shape = (min(chunk, length), batch, groups, dim // groups, d_state)
-        dA_buf, hs_buf = u.new_empty(buf_shape), u.new_empty(buf_shape)
-        entering = u.new_empty((len(starts), *buf_shape[1:]))
-        y = u.new_empty(length, batch, groups, dim // groups)
-        h = u.new_zeros(buf_shape[1:])
-        for k, t0 in enumerate(starts):
-            t1 = min(t0 + chunk, length)
-            dA, hs = dA_buf[: t1 - t0], hs_buf[: t1 - t0]
-            entering[k] = h
-            _discretise(u_tm[t0:t1], dt_tm[t0:t1], A_g, B_tm[t0:t1], dA, hs)
-            _recur(dA, hs, entering[k])
-            y[t0:t1] = torch.einsum("tbgdn,tbgn->tbgd", hs, C_tm[t0:t1, :, :, 0])
-            h = hs[-1]  # copied into entering[k + 1] before the buffers are reused
+        y, last, entering = _forward(u, dt, A, B, C, chunk, keep_entering=True)
         ctx.save_for_backward(u, dt, A, B, C, entering)
         ctx.chunk = chunk
         ctx.set_materialize_grads(False)
-        return _from_time_major(y, u.shape), h.clone().reshape(batch, dim, d_state)
+        return y, last
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):

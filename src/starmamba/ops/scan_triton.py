@@ -1,15 +1,18 @@
 """Fused selective scan for GPUs in Triton: forward and hand-written backward, nothing compiled at install.
 
 Each program owns one batch element and a block of BLOCK_D channels, holds their (BLOCK_D, d_state)
-state in fp32 registers and walks the sequence one step at a time. The (batch, length, dim)
-tensors are read time-major, so every step loads one contiguous row of channels. Discretisation
-(softplus(delta + bias), exp(dt A)), the D skip and the z gate happen inside the kernel.
+state in fp32 registers and walks the sequence one step at a time, loading each step's inputs while
+the step before computes. The (batch, length, dim) tensors are read time-major, so every step loads
+one contiguous row of channels. Discretisation (softplus(delta + bias), exp(dt A)), the D skip and
+the z gate happen inside the kernel.
 
 Like mamba_ssm's CUDA kernel, the forward keeps only the state entering every CHUNK-th step. The
 backward walks the chunks last to first: it recomputes a chunk's states into a small per-program
 scratch buffer, then runs the adjoint recurrence backwards through it. Gradients that sum over
 programs (A, B, C, D, delta_bias) are written as per-program partials and summed by torch
-afterwards, so results are deterministic (no atomics).
+afterwards, so results are deterministic (no atomics). The backward's grid is as many programs as
+fit on the GPU at once, from the compiled kernel's registers and shared memory. Without gradients
+to compute, the forward keeps nothing for a backward pass.
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernels run on CPU tensors,
 which is how the tests check them without a GPU.
@@ -17,6 +20,7 @@ which is how the tests check them without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +41,6 @@ MIN_PROGRAMS = 1024
 # registers per thread whatever this is; with 8 warps ptxas (CUDA 12.8) held it to 128 and spilled.
 VALUES_PER_THREAD = 4
 MAX_WARPS = 4
-# Warps per SM the backward launches: it loops over tiles with a fixed grid, so its scratch buffer
-# is bounded by the GPU's size instead of growing with batch x channels. At its 128-168 registers
-# per thread an SM runs about 8-12 warps at once; twice that keeps every SM busy.
-WARPS_PER_SM = 16
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -69,6 +69,32 @@ def launch_config(batch: int, dim: int, groups: int, d_state: int) -> LaunchConf
     block_n = triton.next_power_of_2(d_state)
     num_warps = min(MAX_WARPS, max(1, block_d * block_n // (32 * VALUES_PER_THREAD)))
     return LaunchConfig(block_d, block_n, num_warps)
+
+
+@dataclass(frozen=True)
+class SmLimits:
+    """What one streaming multiprocessor holds at once: threads, shared memory (bytes), 32-bit registers
+    (64K on every NVIDIA GPU from sm_50 to sm_120) and programs (32 on sm_80 and sm_90)."""
+
+    max_threads: int
+    shared_bytes: int
+    registers: int = 65536
+    max_programs: int = 32
+
+    @classmethod
+    def of(cls, device: torch.device) -> SmLimits:
+        props = torch.cuda.get_device_properties(device)
+        return cls(props.max_threads_per_multi_processor, props.shared_memory_per_multiprocessor)
+
+
+def programs_per_sm(registers: int, shared_bytes: int, num_warps: int, sm: SmLimits) -> int:
+    """Programs of ``num_warps`` warps that fit on one SM together, when each thread takes ``registers``
+    registers and each program ``shared_bytes`` of shared memory (both as the compiled kernel reports)."""
+    per_warp = -(-registers * 32 // 256) * 256  # registers are allocated to a warp 256 at a time
+    fits = [sm.registers // (per_warp * num_warps), sm.max_threads // (32 * num_warps), sm.max_programs]
+    if shared_bytes:
+        fits.append(sm.shared_bytes // shared_bytes)
+    return max(1, min(fits))
 
 
 def triton_status(device: torch.device | str) -> tuple[bool, str]:
@@ -109,8 +135,18 @@ def scan_triton(
     always fp32. Differentiable in every tensor argument, including through the last state.
     """
     _check(u, delta, A, B, C, D, z, delta_bias)
-    y, last = _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    with _on_device(u.device):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            y, last = _TritonScan.apply(*inputs, bool(delta_softplus))
+        else:  # nothing to keep for a backward pass: no chunk states, no saved inputs
+            y, last, _ = _forward(*inputs, bool(delta_softplus), keep_chunks=False)
     return (y, last) if return_last_state else y
+
+
+def _on_device(device: torch.device):
+    """Launch on ``device`` (Triton launches on the current CUDA device, whatever the tensors' device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check(u, delta, A, B, C, D, z, delta_bias) -> None:
@@ -155,35 +191,44 @@ def _state_rows(M: Tensor) -> Tensor:
     return M.transpose(2, 3).contiguous()
 
 
+def _forward(u, delta, A, B, C, D, z, delta_bias, softplus: bool, keep_chunks: bool):
+    """y (b, d, l) in u's dtype, the last state (b, d, n) fp32, and what the backward needs: the kernel's
+    inputs and the state entering every chunk (``keep_chunks``), or None."""
+    batch, dim, length = u.shape
+    groups, d_state = B.shape[1], A.shape[1]
+    cfg = launch_config(batch, dim, groups, d_state)
+    u_tm, delta_tm = _time_major(u), _time_major(delta)
+    z_tm = _time_major(z) if z is not None else None
+    # The kernels take a power-of-two number of states: zeros in A, B and C pad it exactly.
+    pad = (0, cfg.block_n - d_state)
+    B_tm, C_tm = F.pad(_state_rows(B), pad), F.pad(_state_rows(C), pad)
+    A32 = F.pad(A.detach().float(), pad).contiguous()
+    D32 = D.detach().float().contiguous() if D is not None else None
+    bias32 = delta_bias.detach().float().contiguous() if delta_bias is not None else None
+    n_chunks = triton.cdiv(length, CHUNK)
+    y_tm = torch.empty_like(u_tm)
+    states = u.new_empty((batch, n_chunks + 1 if keep_chunks else 1, dim, cfg.block_n), dtype=torch.float32)
+    n_blocks = triton.cdiv(dim, cfg.block_d)
+    _scan_fwd_kernel[(batch * n_blocks,)](
+        u_tm, delta_tm, A32, B_tm, C_tm, _or(D32, A32), _or(z_tm, u_tm), _or(bias32, A32), y_tm, states,
+        dim, length, dim // groups, groups, n_blocks,
+        D_STATE=cfg.block_n, CHUNK=CHUNK, BLOCK_D=cfg.block_d, KEEP_CHUNKS=keep_chunks,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    last = states[:, -1, :, :d_state].clone()
+    saved = (u_tm, delta_tm, A32, B_tm, C_tm, D32, z_tm, bias32, states) if keep_chunks else None
+    return y_tm.transpose(1, 2), last, saved
+
+
 class _TritonScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):
-        batch, dim, length = u.shape
-        groups, d_state = B.shape[1], A.shape[1]
-        cfg = launch_config(batch, dim, groups, d_state)
-        u_tm, delta_tm = _time_major(u), _time_major(delta)
-        z_tm = _time_major(z) if z is not None else None
-        # The kernels take a power-of-two number of states: zeros in A, B and C pad it exactly.
-        pad = (0, cfg.block_n - d_state)
-        B_tm, C_tm = F.pad(_state_rows(B), pad), F.pad(_state_rows(C), pad)
-        A32 = F.pad(A.detach().float(), pad).contiguous()
-        D32 = D.detach().float().contiguous() if D is not None else None
-        bias32 = delta_bias.detach().float().contiguous() if delta_bias is not None else None
-        n_chunks = triton.cdiv(length, CHUNK)
-        y_tm = torch.empty_like(u_tm)
-        states = u.new_empty((batch, n_chunks + 1, dim, cfg.block_n), dtype=torch.float32)
-        n_blocks = triton.cdiv(dim, cfg.block_d)
-        _scan_fwd_kernel[(batch * n_blocks,)](
-            u_tm, delta_tm, A32, B_tm, C_tm, _or(D32, A32), _or(z_tm, u_tm), _or(bias32, A32), y_tm, states,
-            dim, length, dim // groups, groups, n_blocks,
-            D_STATE=cfg.block_n, CHUNK=CHUNK, BLOCK_D=cfg.block_d,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-            num_warps=cfg.num_warps,
-        )  # fmt: skip
-        ctx.save_for_backward(u_tm, delta_tm, A32, B_tm, C_tm, D32, z_tm, bias32, states)
-        ctx.softplus, ctx.cfg = softplus, cfg
+        y, last, saved = _forward(u, delta, A, B, C, D, z, delta_bias, softplus, keep_chunks=True)
+        ctx.save_for_backward(*saved)
+        ctx.softplus, ctx.cfg = softplus, launch_config(u.shape[0], u.shape[1], B.shape[1], A.shape[1])
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (A, B, C, D, delta_bias))
-        return y_tm.transpose(1, 2), states[:, -1, :, :d_state].clone()
+        return y, last
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
@@ -192,10 +237,6 @@ class _TritonScan(torch.autograd.Function):
         batch, length, dim = u_tm.shape
         groups, d_state, n_padded = B_tm.shape[1], grad_last.shape[-1], cfg.block_n
         n_blocks, tiles = triton.cdiv(dim, cfg.block_d), batch * triton.cdiv(dim, cfg.block_d)
-        programs = tiles
-        if u_tm.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(u_tm.device).multi_processor_count
-            programs = min(tiles, sms * max(1, WARPS_PER_SM // cfg.num_warps))
         gy_tm = _time_major(grad_y)
         glast = F.pad(grad_last.float(), (0, n_padded - d_state)).contiguous()
         du_tm, ddelta_tm = torch.empty_like(u_tm), torch.empty_like(delta_tm)
@@ -206,15 +247,20 @@ class _TritonScan(torch.autograd.Function):
         dC_part = torch.empty(batch, n_blocks, length, n_padded, **f32)
         dD_part = torch.empty(batch, dim, **f32)
         dbias_part = torch.empty(batch, dim, **f32)
-        scratch = torch.empty(programs, CHUNK + 1, cfg.block_d, cfg.block_n, **f32)
-        _scan_bwd_kernel[(programs,)](
+        args = (
             u_tm, delta_tm, A32, B_tm, C_tm, _or(D32, A32), _or(z_tm, u_tm), _or(bias32, A32), gy_tm, states, glast,
-            du_tm, ddelta_tm, _or(dz_tm, du_tm), dA_part, dB_part, dC_part, dD_part, dbias_part, scratch,
-            dim, length, dim // groups, groups, n_blocks, batch * n_blocks,
+            du_tm, ddelta_tm, _or(dz_tm, du_tm), dA_part, dB_part, dC_part, dD_part, dbias_part,
+        )  # fmt: skip
+        sizes = (dim, length, dim // groups, groups, n_blocks, tiles)
+        options = dict(
             D_STATE=n_padded, CHUNK=CHUNK, BLOCK_D=cfg.block_d,
             HAS_D=D32 is not None, HAS_Z=z_tm is not None, HAS_BIAS=bias32 is not None, SOFTPLUS=ctx.softplus,
             num_warps=cfg.num_warps,
         )  # fmt: skip
+        with _on_device(u_tm.device):
+            programs = _backward_programs(tiles, u_tm.device, cfg, args, sizes, options)
+            scratch = torch.empty(programs, CHUNK + 1, cfg.block_d, cfg.block_n, **f32)
+            _scan_bwd_kernel[(programs,)](*args, scratch, *sizes, **options)
         A_dtype, B_dtype, C_dtype, D_dtype, bias_dtype = ctx.dtypes
         # Channel blocks of one group are consecutive, so a group's partials are one slice of blocks.
         per_group = (batch, groups, n_blocks // groups, length, n_padded)
@@ -229,6 +275,28 @@ class _TritonScan(torch.autograd.Function):
             dbias_part.sum(0).to(bias_dtype) if bias32 is not None else None,
             None,
         )
+
+
+_PER_SM: dict[tuple, int] = {}
+
+
+def _backward_programs(tiles: int, device: torch.device, cfg: LaunchConfig, args: tuple, sizes: tuple,
+                       options: dict) -> int:  # fmt: skip
+    """The backward's grid: as many programs as fit on the GPU at once (it loops over tiles, so its scratch
+    buffer is bounded by the GPU's size instead of growing with batch x channels), at most ``tiles``.
+
+    How many fit on an SM follows from the compiled kernel's registers and shared memory, read once per
+    device and specialisation. Interpreted (on CPU), one program per tile.
+    """
+    if device.type != "cuda":
+        return tiles
+    key = (device, cfg, *(t.dtype for t in args), *sorted(options.items()))
+    if key not in _PER_SM:
+        # The scratch's size does not change the compiled code; any fp32 buffer stands in for it.
+        kernel = _scan_bwd_kernel.warmup(*args, args[-1], *sizes, grid=(1,), **options)
+        kernel._init_handles()
+        _PER_SM[key] = programs_per_sm(kernel.n_regs, kernel.metadata.shared, cfg.num_warps, SmLimits.of(device))
+    return min(tiles, torch.cuda.get_device_properties(device).multi_processor_count * _PER_SM[key])
 
 
 def _or(t: Tensor | None, placeholder: Tensor) -> Tensor:
@@ -247,28 +315,26 @@ def _softplus(x):
 
 
 @triton.jit
-def _step_inputs(u_ptrs, delta_ptrs, B_ptrs, bias, mask_d, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Load one step's u, B row and discretised dt (fp32), and delta + bias, the argument of softplus."""
-    u_t = tl.load(u_ptrs, mask=mask_d, other=0.0).to(tl.float32)
-    dt_in = tl.load(delta_ptrs, mask=mask_d, other=0.0).to(tl.float32)
+def _discretise(u_raw, delta_raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """One step's u and dt in fp32 from their loaded values, and delta + bias, the argument of softplus."""
+    dt_in = delta_raw.to(tl.float32)
     if HAS_BIAS:
         dt_in += bias
     dt = _softplus(dt_in) if SOFTPLUS else dt_in
-    B_t = tl.load(B_ptrs).to(tl.float32)
-    return u_t, dt, dt_in, B_t
+    return u_raw.to(tl.float32), dt, dt_in
 
 
 @triton.jit
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
     dim, length, rows_per_group, groups, n_blocks,
-    D_STATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_STATE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, KEEP_CHUNKS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):  # fmt: skip
-    """y for one (batch, channel block); keeps the state entering every chunk and the last state.
+    """y for one (batch, channel block); keeps the last state and with KEEP_CHUNKS the state entering every chunk.
 
     u, delta, z, y: (b, l, d) contiguous; A (d, n), D and bias (d,) fp32; B, C (b, g, l, n)
-    contiguous; states (b, chunks + 1, d, n) fp32.
+    contiguous; states (b, chunks + 1, d, n) fp32, or (b, 1, d, n) without KEEP_CHUNKS.
     """
     pid = tl.program_id(0)
     batch = (pid // n_blocks).to(tl.int64)
@@ -287,26 +353,39 @@ def _scan_fwd_kernel(
     bc_offset = (batch * groups + first_row // rows_per_group) * length * D_STATE
     B_seq, C_seq = B_ptr + bc_offset, C_ptr + bc_offset
     n_chunks = tl.cdiv(length, CHUNK)
-    states = states_ptr + batch * (n_chunks + 1) * dim * D_STATE
+    n_kept = n_chunks + 1 if KEEP_CHUNKS else 1
+    states = states_ptr + batch * n_kept * dim * D_STATE
 
     h = tl.zeros((BLOCK_D, D_STATE), dtype=tl.float32)
+    # Every step's inputs are loaded one step ahead (the last step's twice), so that their latency
+    # hides behind the previous step's arithmetic instead of stalling the recurrence.
+    u_next = tl.load(u_seq + rows, mask=mask_d, other=0.0)
+    delta_next = tl.load(delta_seq + rows, mask=mask_d, other=0.0)
+    z_next = tl.load(z_seq + rows, mask=mask_d, other=0.0)  # z_seq is u's when there is no z
+    B_next, C_next = tl.load(B_seq + cols), tl.load(C_seq + cols)
     for chunk in range(0, n_chunks):
-        tl.store(states + chunk * dim * D_STATE + state_offsets, h, mask=mask_d[:, None])
+        if KEEP_CHUNKS:
+            tl.store(states + chunk * dim * D_STATE + state_offsets, h, mask=mask_d[:, None])
         for t in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, length)):
-            u_t, dt, _, B_t = _step_inputs(
-                u_seq + t * dim + rows, delta_seq + t * dim + rows, B_seq + t * D_STATE + cols, bias, mask_d,
-                HAS_BIAS, SOFTPLUS,
-            )  # fmt: skip
-            C_t = tl.load(C_seq + t * D_STATE + cols).to(tl.float32)
+            u_raw, delta_raw, z_raw, B_raw, C_raw = u_next, delta_next, z_next, B_next, C_next
+            ahead = tl.minimum(t + 1, length - 1)
+            u_next = tl.load(u_seq + ahead * dim + rows, mask=mask_d, other=0.0)
+            delta_next = tl.load(delta_seq + ahead * dim + rows, mask=mask_d, other=0.0)
+            if HAS_Z:
+                z_next = tl.load(z_seq + ahead * dim + rows, mask=mask_d, other=0.0)
+            B_next, C_next = tl.load(B_seq + ahead * D_STATE + cols), tl.load(C_seq + ahead * D_STATE + cols)
+
+            u_t, dt, _ = _discretise(u_raw, delta_raw, bias, HAS_BIAS, SOFTPLUS)
+            B_t, C_t = B_raw.to(tl.float32), C_raw.to(tl.float32)
             h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_t[None, :]
             y_t = tl.sum(h * C_t[None, :], axis=1)
             if HAS_D:
                 y_t += D * u_t
             if HAS_Z:
-                z_t = tl.load(z_seq + t * dim + rows, mask=mask_d, other=0.0).to(tl.float32)
+                z_t = z_raw.to(tl.float32)
                 y_t *= z_t * tl.sigmoid(z_t)
             tl.store(y_seq + t * dim + rows, y_t, mask=mask_d)
-    tl.store(states + n_chunks * dim * D_STATE + state_offsets, h, mask=mask_d[:, None])
+    tl.store(states + (n_kept - 1) * dim * D_STATE + state_offsets, h, mask=mask_d[:, None])
 
 
 @triton.jit
@@ -362,23 +441,29 @@ def _scan_bwd_kernel(
             # Recompute the chunk's states: slot j of the scratch holds the state before step t0 + j.
             h = tl.load(states + chunk * dim * D_STATE + state_offsets, mask=mask_d[:, None], other=0.0)
             tl.store(scratch + tile_offsets, h)
+            # Inputs loaded one step ahead, as in the forward.
+            u_next = tl.load(u_seq + t0 * dim + rows, mask=mask_d, other=0.0)
+            delta_next = tl.load(delta_seq + t0 * dim + rows, mask=mask_d, other=0.0)
+            B_next = tl.load(B_seq + t0 * D_STATE + cols)
             for j in range(0, steps):
-                t = t0 + j
-                u_t, dt, _, B_t = _step_inputs(
-                    u_seq + t * dim + rows, delta_seq + t * dim + rows, B_seq + t * D_STATE + cols, bias, mask_d,
-                    HAS_BIAS, SOFTPLUS,
-                )  # fmt: skip
-                h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_t[None, :]
+                u_raw, delta_raw, B_raw = u_next, delta_next, B_next
+                ahead = t0 + tl.minimum(j + 1, steps - 1)
+                u_next = tl.load(u_seq + ahead * dim + rows, mask=mask_d, other=0.0)
+                delta_next = tl.load(delta_seq + ahead * dim + rows, mask=mask_d, other=0.0)
+                B_next = tl.load(B_seq + ahead * D_STATE + cols)
+                u_t, dt, _ = _discretise(u_raw, delta_raw, bias, HAS_BIAS, SOFTPLUS)
+                h = tl.exp(dt[:, None] * A) * h + (dt * u_t)[:, None] * B_raw.to(tl.float32)[None, :]
                 tl.store(scratch + (j + 1) * BLOCK_D * D_STATE + tile_offsets, h)
             # Triton may give the loads below another thread layout than the stores above.
             tl.debug_barrier()
             for i in range(0, steps):
                 j = steps - 1 - i
                 t = t0 + j
-                u_t, dt, dt_in, B_t = _step_inputs(
-                    u_seq + t * dim + rows, delta_seq + t * dim + rows, B_seq + t * D_STATE + cols, bias, mask_d,
-                    HAS_BIAS, SOFTPLUS,
+                u_t, dt, dt_in = _discretise(
+                    tl.load(u_seq + t * dim + rows, mask=mask_d, other=0.0),
+                    tl.load(delta_seq + t * dim + rows, mask=mask_d, other=0.0), bias, HAS_BIAS, SOFTPLUS,
                 )  # fmt: skip
+                B_t = tl.load(B_seq + t * D_STATE + cols).to(tl.float32)
                 C_t = tl.load(C_seq + t * D_STATE + cols).to(tl.float32)
                 gy = tl.load(gy_seq + t * dim + rows, mask=mask_d, other=0.0).to(tl.float32)
                 h_prev = tl.load(scratch + j * BLOCK_D * D_STATE + tile_offsets)

@@ -67,8 +67,9 @@ class RunConfig:
     no small pull (300 ImageNet epochs at ARM's lr and wd 0.05 shrink an undriven A_log e^5.6-fold)"""
     seed: int = 0
     """seeds weights, sampling and augmentation: a run is repeatable for a fixed seed on one device"""
-    num_workers: int = 4
-    """data-loading processes per training process"""
+    num_workers: int = field(default_factory=lambda: available_workers(most=8))
+    """data-loading processes per training process (kept alive across epochs): 8, or fewer when this
+    machine has fewer CPU cores per training process"""
     device: Device = "auto"
     """'auto' takes CUDA when present"""
     precision: Precision | None = None
@@ -93,6 +94,9 @@ class RunConfig:
     """also write TensorBoard events when tensorboard is installed"""
     progress: bool = True
     """show a progress bar"""
+    grad_checkpointing: bool = False
+    """recompute each encoder block's activations in the backward pass instead of keeping them: much less
+    memory (benchmarks/memory.py) for one more forward pass of the encoder"""
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "accum_iter", "epochs", "keep_checkpoints", "log_every"):
@@ -115,9 +119,10 @@ class RunConfig:
 
 
 def available_workers(most: int = 4) -> int:
-    """``most`` data-loading processes, or fewer on a machine with fewer CPU cores for this process."""
+    """``most`` data-loading processes, or fewer on a machine with fewer CPU cores for each of the processes
+    torchrun started on it (``LOCAL_WORLD_SIZE``, e.g. one per GPU)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(most, cores))
+    return max(1, min(most, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def check_rgb(arch: StarConfig | ClassifierConfig) -> None:

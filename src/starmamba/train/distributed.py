@@ -1,4 +1,4 @@
-"""Processes and devices: torchrun's environment, NCCL on GPU or gloo on CPU, and rank-aware samplers."""
+"""Processes and devices: torchrun's environment, the process group's backends, and rank-aware samplers."""
 
 from __future__ import annotations
 
@@ -36,9 +36,19 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def group_backend(device: torch.device) -> str:
+    """The process group's backend for a run on ``device``: gloo for CPU tensors, and NCCL for CUDA ones on CUDA.
+
+    A CUDA run still reduces CPU tensors (the output folder's claim, logged steps, evaluation counts),
+    which NCCL alone refuses ("No backend type associated with device type cpu"): one group with a
+    backend per device type carries both.
+    """
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 @contextmanager
 def joined(device_choice: str) -> Iterator[Processes]:
-    """This run's processes: joins torchrun's group (NCCL on CUDA, gloo on CPU) and leaves it cleanly.
+    """This run's processes: joins torchrun's group (see :func:`group_backend`) and leaves it cleanly.
 
     After a run that succeeded, every rank meets the others at a barrier, so that no collective
     is still in flight anywhere, and then destroys the group. After an error nothing is torn
@@ -53,7 +63,7 @@ def joined(device_choice: str) -> Iterator[Processes]:
         torch.cuda.set_device(device)
     owned = world > 1 and not dist.is_initialized()
     if owned:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(group_backend(device))
     yield Processes(rank, world, device)
     if owned:
         dist.barrier()
@@ -81,6 +91,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over processes (identity in a single process)."""
     if dist.is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
+    """The elementwise minimum of a tensor over processes (identity in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
     return values
 
 

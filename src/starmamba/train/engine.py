@@ -11,18 +11,19 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from starmamba.errors import RunError
 from starmamba.train.config import RunConfig
-from starmamba.train.distributed import Processes, TrainSampler, all_reduce_sum
+from starmamba.train.distributed import Processes, TrainSampler, all_reduce_min, all_reduce_sum
 from starmamba.train.ema import ModelEma
 from starmamba.train.optim import build_adamw
 from starmamba.train.precision import autocast, grad_scaler
@@ -51,9 +52,9 @@ class Task(Protocol):
 
     def loss(
         self, model: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss of a batch and 0-dim values to log (averaged like the loss); ``generator`` seeds the
-        batch's own draws."""
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """The loss of a batch (0-dim) and extra values to log (0-dim tensors, left on the device, or floats);
+        ``generator`` seeds the batch's own draws. Logged values are averaged like the loss."""
         ...
 
     def evaluate(self, state: TrainState, epoch: int) -> dict[str, float]:
@@ -94,9 +95,13 @@ class TrainState:
 
         DDP broadcasts rank 0's weights when it wraps the model, so the EMA, copied after that,
         starts from the same weights on every process however each process initialised its model.
+        Its buffers are not broadcast again every step: they are constant (position tables, scan
+        orders, layout indices). ``run.grad_checkpointing`` turns on the model's activation checkpointing.
         """
         model.to(processes.device)
-        trained = DistributedDataParallel(model) if processes.world_size > 1 else model
+        if run.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        trained = DistributedDataParallel(model, broadcast_buffers=False) if processes.world_size > 1 else model
         ema = ModelEma(model, run.ema_decay) if run.ema_decay is not None else None
         effective = run.batch_size * run.accum_iter * processes.world_size
         lr = run.lr if run.lr is not None else effective_lr(run.blr, effective)
@@ -143,8 +148,9 @@ class TrainState:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def step(self) -> float | None:
-        """Clip, take an optimizer step, update the EMA, move on one step; the gradient norm if clipped.
+    def step(self) -> Tensor | None:
+        """Clip, take an optimizer step, update the EMA, move on one step; the gradient norm (0-dim, on the
+        device, not read) if clipped.
 
         In fp16 the gradients are unscaled first, and the scaler skips the optimizer step (and lowers
         its scale) when they overflowed.
@@ -152,7 +158,7 @@ class TrainState:
         grad_norm = None
         self.scaler.unscale_(self.optimizer)
         if self.run.clip_grad is not None:
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.run.clip_grad).item()
+            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.run.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -163,8 +169,39 @@ class TrainState:
         return grad_norm
 
 
+class _EpochTagged(Sampler[tuple[int, int]]):
+    """A :class:`TrainSampler`'s indices as (epoch, index): DataLoader workers kept alive across epochs hold
+    their own copy of the data set, so the epoch its augmentations are drawn for travels with each index."""
+
+    def __init__(self, sampler: TrainSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.sampler.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _AtEpoch(Dataset):
+    """Items (epoch, index) of :class:`_EpochTagged`: ``dataset[index]`` as augmented in ``epoch``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        epoch, index = item
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
 class TrainLoader:
-    """The training batches of every epoch: this process's share, resumable at any step."""
+    """The training batches of every epoch: this process's share, resumable at any step. Its data-loading
+    workers live as long as it does."""
 
     def __init__(self, dataset: Dataset, run: RunConfig, processes: Processes) -> None:
         self.dataset, self.run = dataset, run
@@ -173,8 +210,9 @@ class TrainLoader:
         if self.steps_per_epoch == 0:
             raise ValueError(f"an epoch of {self.sampler.batches} batches is shorter than accum_iter={run.accum_iter}")
         self.loader = DataLoader(
-            dataset, batch_size=run.batch_size, sampler=self.sampler, num_workers=run.num_workers,
-            pin_memory=processes.device.type == "cuda", persistent_workers=False,
+            _AtEpoch(dataset), batch_size=run.batch_size, sampler=_EpochTagged(self.sampler),
+            num_workers=run.num_workers, pin_memory=processes.device.type == "cuda",
+            persistent_workers=run.num_workers > 0,
         )  # fmt: skip
         # A bar only on a terminal: in a log file its carriage-return frames pile up (run_job
         # prints plain lines there instead).
@@ -189,8 +227,6 @@ class TrainLoader:
     def epoch(self, position: Position) -> Iterator[tuple[int, tuple[Tensor, Tensor]]]:
         """(micro-batch index in the epoch, (images, labels)) from ``position`` to the epoch's end."""
         start = position.step * self.run.accum_iter
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(position.epoch)
         self.sampler.set_epoch(position.epoch, skip_batches=start)
         self.bar = tqdm(
             self.loader, desc=f"epoch {position.epoch + 1}/{self.run.epochs}", total=self.micro_batches,
@@ -203,32 +239,71 @@ class TrainLoader:
                 yield micro, batch
 
 
-class LossWindow:
-    """The training loss, the task's logged values and speed since the last logged step, over processes."""
+class NonFiniteLoss(RunError):
+    """The training loss became NaN or infinite."""
 
-    def __init__(self) -> None:
+
+def stop_if_not_finite(first_step: float, epoch: int) -> None:
+    """Raise :class:`NonFiniteLoss` naming ``first_step``, the first optimizer step (1-based) whose loss was
+    NaN or infinite, or inf if there was none. Given the same value on every process (the minimum over
+    them), every process stops with the same line, before its weights are checkpointed."""
+    if math.isfinite(first_step):
+        raise NonFiniteLoss(
+            f"the training loss is not finite (NaN or inf) at step {int(first_step)} (epoch {epoch + 1}); "
+            "stopping, the last checkpoint is kept: lower the lr, or clip gradients (--clip_grad)"
+        )
+
+
+class LossWindow:
+    """The loss and every logged value since the last logged step, averaged over the window's micro-batches
+    on every process, and the speed.
+
+    Values stay where they are (on the device) until :meth:`read`, so that steps between logged ones never
+    wait for the device; so does the step of the first non-finite loss, which :meth:`first_non_finite`
+    agrees on over the processes.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.first_bad: Tensor | None = None
         self.reset()
 
     def reset(self) -> None:
-        self.loss, self.images, self.batches, self.start = 0.0, 0, 0, time.perf_counter()
-        self.logs: dict[str, Tensor] = {}
+        self.sums: dict[str, Tensor | float] = {}
+        self.counts: dict[str, int] = {}
+        self.images, self.start = 0, time.perf_counter()
 
-    def add(self, loss: float, images: int, logs: dict[str, Tensor]) -> None:
-        self.loss, self.images, self.batches = self.loss + loss, self.images + images, self.batches + 1
-        for key, value in logs.items():
-            value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
-            self.logs[key] = self.logs[key] + value if key in self.logs else value
+    def add(self, values: Mapping[str, Tensor | float]) -> None:
+        """Add one value of each of ``values`` (0-dim tensors or numbers) to the window."""
+        for key, value in values.items():
+            value = value.detach().double() if isinstance(value, Tensor) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def add_batch(self, loss: Tensor, logs: Mapping[str, Tensor | float], images: int, step: int) -> None:
+        """One micro-batch of ``images`` images in optimizer step ``step`` (1-based): its loss and logs."""
+        loss = loss.detach()
+        bad = torch.where(torch.isfinite(loss), math.inf, float(step))
+        self.first_bad = bad if self.first_bad is None else torch.minimum(self.first_bad, bad)
+        self.add({"loss": loss, **logs})
+        self.images += images
+
+    def first_non_finite(self) -> float:
+        """The first step (over every process) whose loss was not finite, or inf (collective)."""
+        bad = self.first_bad if self.first_bad is not None else torch.tensor(math.inf)
+        return all_reduce_min(bad.to(self.device, torch.float64).reshape(1)).item()
 
     def read(self) -> dict[str, float]:
-        """{'loss', every logged value: means over the window's micro-batches, 'images_per_s'}; starts a new window."""
-        keys = sorted(self.logs)
-        sums = [self.loss, self.images, self.batches, *(self.logs[k] for k in keys)]
-        totals = all_reduce_sum(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in sums]))
+        """Every value's mean over the window and the processes, and 'images_per_s'; starts a new window
+        (collective: the one time the window waits for the device)."""
+        keys = list(self.sums)
+        sums = [torch.as_tensor(self.sums[key], dtype=torch.float64, device=self.device) for key in keys]
+        counts = torch.tensor([*(self.counts[key] for key in keys), self.images], dtype=torch.float64)
+        totals = all_reduce_sum(torch.cat([torch.stack(sums), counts.to(self.device)])).tolist()
         elapsed = time.perf_counter() - self.start
         self.reset()
-        batches = totals[2].item()
-        means = {key: totals[3 + i].item() / batches for i, key in enumerate(keys)}
-        return {"loss": totals[0].item() / batches, **means, "images_per_s": totals[1].item() / elapsed}
+        means = {key: totals[i] / totals[len(keys) + i] for i, key in enumerate(keys)}
+        return means | {"images_per_s": totals[-1] / elapsed}
 
 
 def train_one_epoch(
@@ -236,12 +311,15 @@ def train_one_epoch(
 ) -> None:
     """Train from ``state.position`` to the end of its epoch.
 
-    ``after_step(values)`` follows every optimizer step; ``values`` (loss, lr, speed, ...) are given
-    every ``log_every`` steps and at the epoch's last step, None otherwise.
+    ``after_step(values)`` follows every optimizer step; ``values`` (loss and the task's logged values,
+    averaged since the last logged step; lr, speed, the mean clipped gradient norm) are given every
+    ``log_every`` steps and at the epoch's last step, None otherwise. Nothing is read from the device
+    between those steps. At them, and at checkpoint steps, every process checks that no loss was
+    NaN or infinite and stops with :class:`NonFiniteLoss` otherwise.
     """
     run, position, device = state.run, state.position, state.processes.device
     state.model.train()
-    window = LossWindow()
+    window = LossWindow(device)
     for micro, (images, labels) in loader.epoch(position):
         if micro % run.accum_iter == 0:
             lr = state.set_lr(position.epoch + micro / loader.micro_batches)
@@ -252,20 +330,19 @@ def train_one_epoch(
         with state.sync_gradients(update):
             with autocast(device, run.precision):
                 loss, logs = task.loss(state.model, images, labels, torch.Generator().manual_seed(seed))
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"loss is {loss_value} at epoch {position.epoch}, step {position.step}; stopping. "
-                    "Lower the lr, or clip gradients (--clip_grad)."
-                )
             state.scaler.scale(loss / run.accum_iter).backward()
-        window.add(loss_value, images.shape[0], logs)
+        window.add_batch(loss, logs, images.shape[0], position.global_step + 1)
         if not update:
             continue
         grad_norm = state.step()
-        values = None
+        if grad_norm is not None:
+            window.add({"grad_norm": grad_norm})
         # The run's first step is logged too: a short run shows its start before log_every steps.
-        if position.step % run.log_every == 0 or position.step == loader.steps_per_epoch or position.global_step == 1:
+        logged = position.step % run.log_every == 0 or position.step == loader.steps_per_epoch
+        logged = logged or position.global_step == 1
+        if logged or (run.ckpt_every and position.global_step % run.ckpt_every == 0):
+            stop_if_not_finite(window.first_non_finite(), position.epoch)
+        values = None
+        if logged:
             values = {"epoch": position.epoch + position.step / loader.steps_per_epoch, **window.read(), "lr": lr}
-            values |= {"grad_norm": grad_norm} if grad_norm is not None else {}
         after_step(values)

@@ -39,8 +39,8 @@ def pooled_features(model: nn.Module, images: Tensor) -> Tensor:
 def extract_features(
     model: nn.Module, loader: DataLoader, device: torch.device, precision: Precision | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Pooled features (N, dim) float32 and labels (N,) of every image of ``loader``, on the CPU, the
-    forward pass autocast to ``precision`` (None: bf16 on CUDA, fp32 on a CPU)."""
+    """Pooled features (N, dim) float32 and labels (N,) of every image of ``loader``, on ``device`` (where the
+    probes then run), the forward pass autocast to ``precision`` (None: bf16 on CUDA, fp32 on a CPU)."""
     model.eval()
     features, labels = [], []
     for images, targets in loader:
@@ -49,7 +49,7 @@ def extract_features(
         labels.append(targets)
     if not features:
         raise ValueError("no images to extract features from")
-    return torch.cat(features).cpu(), torch.cat(labels).cpu()
+    return torch.cat(features), torch.cat(labels).to(device)
 
 
 def knn_predict(
@@ -59,6 +59,7 @@ def knn_predict(
     """Class predictions (M,) for ``test`` (M, D) by a cosine k-NN vote over ``train`` (N, D).
 
     As DINO: each of the ``k`` nearest neighbours votes for its class with weight exp(sim / temperature).
+    Similarities in float32 on the features' device; the votes, weights up to e^(1 / temperature), summed in float64.
     """
     if k < 1:
         raise ValueError(f"k={k} must be at least 1")
@@ -70,8 +71,8 @@ def knn_predict(
     for start in range(0, len(test), chunk):
         sims = F.normalize(test[start : start + chunk].float(), dim=1) @ train.T
         top, index = sims.topk(k, dim=1)
-        votes = torch.zeros(len(sims), num_classes, dtype=torch.float64)
-        votes.scatter_add_(1, train_labels[index], (top.double() / temperature).exp())
+        votes = torch.zeros(len(sims), num_classes, dtype=torch.float64, device=sims.device)
+        votes.scatter_add_(1, train_labels.to(index.device)[index], (top.double() / temperature).exp())
         predictions.append(votes.argmax(dim=1))
     return torch.cat(predictions)
 
@@ -88,11 +89,12 @@ def fit_linear(
 ) -> nn.Linear:  # fmt: skip
     """Multinomial logistic regression on ``features`` (N, D), fitted to convergence by full-batch L-BFGS.
 
-    Minimises mean cross-entropy + weight_decay / 2 * ||W||^2 (bias not decayed) in float64; stops
-    when the gradient's largest entry falls below ``tolerance`` or after ``max_iter`` iterations.
+    Minimises mean cross-entropy + weight_decay / 2 * ||W||^2 (bias not decayed) in float64 (its line
+    search needs it to converge to ``tolerance``) on the features' device; stops when the gradient's
+    largest entry falls below ``tolerance`` or after ``max_iter`` iterations.
     """
-    x, y = features.double(), labels.long()
-    linear = nn.Linear(x.shape[1], num_classes, dtype=torch.float64)
+    x, y = features.double(), labels.long().to(features.device)
+    linear = nn.Linear(x.shape[1], num_classes, dtype=torch.float64, device=features.device)
     nn.init.zeros_(linear.weight)
     nn.init.zeros_(linear.bias)
     optimizer = torch.optim.LBFGS(
@@ -112,7 +114,7 @@ def fit_linear(
 
 def top1(predictions: Tensor, labels: Tensor) -> float:
     """Percent of ``predictions`` equal to ``labels``."""
-    return 100.0 * predictions.eq(labels).double().mean().item()
+    return 100.0 * predictions.eq(labels.to(predictions.device)).double().mean().item()
 
 
 def probe_top1(
@@ -126,7 +128,7 @@ def probe_top1(
         train, test = standardise(train, test)
         linear = fit_linear(train, train_labels, num_classes)
         with torch.no_grad():
-            return top1(linear(test.double()).argmax(dim=1), test_labels)
+            return top1(linear(test.double()).argmax(dim=1), test_labels.to(test.device))
     raise ValueError(f"probe={probe!r} is not 'knn' or 'linear'")
 
 
