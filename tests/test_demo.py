@@ -75,6 +75,7 @@ def test_one_seed_says_the_noise_is_unmeasured(tmp_path, fake_runs):
     demo.run_demo(demo.DemoConfig(out=str(tmp_path), data_path="synthetic", progress=False))
     text = (tmp_path / "table.md").read_text()
     assert text.count("noise unmeasured") == 6  # 3 comparisons x 2 metrics: no low-label finetuning by default
+    assert demo.ONE_SEED in text
     assert "| from scratch | - | - | 70.00 | 75.00 |" in text
 
 
