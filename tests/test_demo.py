@@ -66,6 +66,7 @@ def test_demo_reports_three_metrics_per_method_and_paired_verdicts(tmp_path, fak
     text = (tmp_path / "table.md").read_text()
     assert "STAR - ARM, k-NN probe top-1: +2.00 points ± 0.00 (paired std over 2 seeds): larger than the noise" in text
     assert "STAR - ARM, full-label finetune top-1: +3.00 points ± 1.41" in text
+    assert demo.ONE_SEED not in text  # two seeds measure the noise themselves
     assert "| STAR | 12 ± 0 |" in text
     assert "| 80.50 ± 0.71 | 71.00 ± 1.41 | 86.00 ± 1.41 |" in text
     assert ("figures", 3) in fake_runs  # curves and reconstructions of the first seed's runs
