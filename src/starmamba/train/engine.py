@@ -218,12 +218,17 @@ class LossWindow:
 
 
 def train_one_epoch(
-    state: TrainState, loader: TrainLoader, task: Task, after_step: Callable[[dict[str, float] | None], None]
+    state: TrainState,
+    loader: TrainLoader,
+    task: Task,
+    after_step: Callable[[dict[str, float] | None], None],
+    log_now: Callable[[Position], bool] = lambda position: False,
 ) -> None:
     """Train from ``state.position`` to the end of its epoch.
 
     ``after_step(values)`` follows every optimizer step; ``values`` (loss, lr, speed, ...) are given
-    every ``log_every`` steps and at the epoch's last step, None otherwise.
+    every ``log_every`` steps, at the epoch's last step and when ``log_now(position)`` says so (it is
+    called after every step, on every process), None otherwise.
     """
     run, position, device = state.run, state.position, state.processes.device
     state.model.train()
@@ -251,7 +256,8 @@ def train_one_epoch(
         grad_norm = state.step()
         values = None
         # The run's first step is logged too: a short run shows its start before log_every steps.
-        if position.step % run.log_every == 0 or position.step == loader.steps_per_epoch or position.global_step == 1:
+        logged = log_now(position) or position.step % run.log_every == 0 or position.step == loader.steps_per_epoch
+        if logged or position.global_step == 1:
             values = {"epoch": position.epoch + position.step / loader.steps_per_epoch, **window.read(), "lr": lr}
             values |= logs | ({"grad_norm": grad_norm} if grad_norm is not None else {})
         after_step(values)

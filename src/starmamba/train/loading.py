@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import Tensor
@@ -44,6 +45,8 @@ def load_classifier(path: str | Path, ema: bool = False) -> tuple[MambaMLPClassi
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if is_hub_folder(path):
+        return load_hub_classifier(path, ema)
     if is_arm_file(path):
         checkpoint = read_arm_checkpoint(path)
         key = "model_ema" if ema else "model"
@@ -66,6 +69,25 @@ def load_classifier(path: str | Path, ema: bool = False) -> tuple[MambaMLPClassi
     check_compatible(state, model, source=str(path))
     model.load_state_dict(state)
     return model, description
+
+
+def is_hub_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder of ``starmamba export`` (``save_pretrained``): its config.json names an
+    ``architecture``."""
+    try:
+        return path.is_dir() and "architecture" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def load_hub_classifier(path: Path, ema: bool) -> tuple[MambaMLPClassifier, str]:
+    """The classifier of a ``starmamba export`` folder, built from its config.json."""
+    if ema:
+        raise ValueError(f"{path} is an exported model folder, which holds one set of weights: leave out --ema")
+    held = json.loads((path / "config.json").read_text())["architecture"]
+    if not str(held).startswith("mambamlp"):
+        raise ValueError(f"{path} holds the pretraining model {held}; finetune it first (--finetune {path})")
+    return MambaMLPClassifier.from_pretrained(path), f"{held} exported to {path}"
 
 
 def load_probe_model(path: str | Path, ema: bool = False) -> tuple[MambaMLPClassifier | StarPretrainer, str]:

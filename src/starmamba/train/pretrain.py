@@ -51,7 +51,7 @@ class PretrainTask:
         info = dataset.info
         transform = PretrainTransform(cfg.arch.img_size, info.mean, info.std, scale=(cfg.min_crop_scale, 1.0))
         self.val_batches = validation_batches(cfg, processes)
-        view = self.val_batches.dataset
+        view = self.val_set = self.val_batches.dataset
         used = len(view) - len(view) % cfg.arch.images_per_sequence
         shown = min(2 * cfg.arch.images_per_sequence, used)  # two sequences for the reconstructions
         self.preview = torch.stack([view[i][0] for i in range(shown)]).to(processes.device)
