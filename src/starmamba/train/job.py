@@ -213,19 +213,19 @@ def non_finite_hint(state: TrainState, output: RunOutput) -> Iterator[None]:
     try:
         yield
     except FloatingPointError as error:
-        raise RunError(non_finite_message("the loss", state, output)) from error
+        position = state.position  # the step under way has not been counted yet
+        found = f"the loss is not finite (NaN or inf) at step {position.global_step + 1} (epoch {position.epoch + 1})"
+        raise RunError(non_finite_message(found, state, output)) from error
 
 
-def non_finite_message(what: str, state: TrainState, output: RunOutput) -> str:
-    """Why ``what`` went NaN or inf at the step under way, what to change, and which checkpoint is kept."""
-    position = state.position
+def non_finite_message(found: str, state: TrainState, output: RunOutput) -> str:
+    """``found`` (what went NaN or inf, and when), its usual causes, and which checkpoint is kept."""
     precision = "bf16 autocast" if state.processes.device.type == "cuda" else "fp32"
     kept = output.last_checkpoint
     last = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint of this run was written"
     return (
-        f"{what} is not finite (NaN or inf) at step {position.global_step + 1} (epoch {position.epoch + 1}); "
-        f"the usual causes are a learning rate too high for the model (lr {state.lr:.3g} here: lower --blr or "
-        f"--lr, or clip gradients with --clip_grad) or too little precision ({precision}); {last}"
+        f"{found}; the usual causes are a learning rate too high for the model (lr {state.lr:.3g} here: lower "
+        f"--blr or --lr, or clip gradients with --clip_grad) or too little precision ({precision}); {last}"
     )
 
 
@@ -479,8 +479,9 @@ class RunOutput:
 
     def save(self, state: TrainState) -> None:
         """A checkpoint of ``state`` (collective: every process waits for it), once its weights are finite."""
-        if not all(torch.isfinite(p).all() for p in state.module.parameters()):
-            raise RunError(non_finite_message("a weight", state, self))  # every process holds the same weights
+        if not all(torch.isfinite(p).all() for p in state.module.parameters()):  # the same on every process
+            found = f"the weights are not finite (NaN or inf) after step {state.position.global_step}"
+            raise RunError(non_finite_message(found, state, self))
         if self.processes.is_main:
             name = f"step-{state.position.global_step:08d}"
             with self.writing(Path("checkpoints") / name):
