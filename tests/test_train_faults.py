@@ -3,8 +3,10 @@ Ctrl-C and SIGTERM save a checkpoint; a closed stdout, a NaN loss, a full disk a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import itertools
 import json
 import os
 import signal
@@ -367,7 +369,7 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_and_the_resumed_run_ends_as_an_un
     logged = {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
     assert sorted(logged) == sorted({1, step, *range(7, 50, 7), 50})
     steps = sorted(logged)
-    for before, at in zip([0, *steps], steps, strict=True):
+    for before, at in itertools.pairwise([0, *steps]):
         expected_mean = sum(per_step[s] for s in range(before + 1, at + 1)) / (at - before)
         assert logged[at] == pytest.approx(expected_mean, rel=1e-9), at
 
@@ -398,3 +400,37 @@ def test_evaluate_reads_an_exported_folder_s_own_config(tmp_path):
                                          num_workers=0))  # fmt: skip
     assert result["acc1"] == pytest.approx(fine["acc1"])  # the same weights, and crop_pct 1.0 from the export
     assert json.loads((tmp_path / "hub" / "config.json").read_text())["model_args"]["dim"] == 32
+
+
+def child_with_rank(parent: int, rank: int) -> int:
+    """The pid of the process torchrun (``parent``) started for ``rank``."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                if f"RANK={rank}".encode() in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+                    return int(child)
+        time.sleep(0.1)
+    raise AssertionError(f"no process of rank {rank} under {parent}")
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "starmamba.cli", "pretrain", *LONG, "--output_dir", str(run_dir)]  # fmt: skip
+    process = subprocess.Popen(command, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        rank1 = child_with_rank(process.pid, 1)
+        wait_for_step(run_dir / "metrics.jsonl", 1, process)  # rank 0 logs: both ranks are training
+        os.kill(rank1, signal.SIGTERM)  # rank 1 only: rank 0 learns of it at the next step's all-reduce
+        _, err = process.communicate(timeout=180)
+    finally:
+        process.kill()
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.removeprefix("step-"))
+    assert 1 <= step < 25, err  # 25 steps an epoch over 2 processes: stopped in the middle
+    assert not (run_dir / "model.safetensors").exists()
+    # Both ranks stopped after that step (rank 0 wrote the checkpoint, rank 1 waited for it).
+    assert err.count(f"interrupted at step {step}; continue with --resume auto") == 2, err

@@ -482,17 +482,17 @@ class RunOutput:
         if not all(torch.isfinite(p).all() for p in state.module.parameters()):  # the same on every process
             found = f"the weights are not finite (NaN or inf) after step {state.position.global_step}"
             raise RunError(non_finite_message(found, state, self))
+        checkpoint = self.run_dir / "checkpoints" / f"step-{state.position.global_step:08d}"
         if self.processes.is_main:
-            name = f"step-{state.position.global_step:08d}"
-            with self.writing(Path("checkpoints") / name):
-                saved = save_checkpoint(
+            with self.writing(checkpoint):
+                save_checkpoint(
                     self.run_dir, state.state_dict(), model_name=self.model_name, model_config=self.model_config,
                     run_config=to_dict(self.config), keep_last=self.config.keep_checkpoints,
                     description=self.description,
                 )  # fmt: skip
-            self.last_checkpoint = str(saved)
             self.claim.replacement.discard()
         barrier()
+        self.last_checkpoint = str(checkpoint)
 
     def plot(self) -> None:
         """curves.png from metrics.jsonl."""
