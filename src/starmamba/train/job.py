@@ -381,17 +381,15 @@ def resume(state: TrainState, run: RunConfig) -> str:
     return f"resuming from step {state.position.global_step} ({path})"
 
 
-def check_resumable(saved: dict[str, Any], run: RunConfig, source: Path) -> None:
+def check_resumable(saved: dict[str, Any], run: JobConfig, source: Path) -> None:
     """Refuse to resume a checkpoint of another kind of job, or of another architecture, naming what differs.
 
     ``saved`` is the checkpoint's run config; ``source`` is what the user asked to resume (a run folder
     or a checkpoint). A resumed run keeps its checkpoint's architecture: options that change it are errors.
     """
-    saved_job = "finetuning" if "finetune" in saved else "pretraining"
-    job = "finetuning" if isinstance(run, FinetuneConfig) else "pretraining"
-    model = saved.get("model", "?")
-    if saved_job != job:
-        if job == "finetuning":
+    model = saved.get("model", "")
+    if model and model.partition("_")[0] != run.model.partition("_")[0]:  # star_* pretrains, mambamlp_* finetunes
+        if isinstance(run, FinetuneConfig):
             raise ValueError(f"{source} holds a pretraining run ({model}); to finetune from it use --finetune "
                              f"{source} with another --output_dir")  # fmt: skip
         raise ValueError(f"{source} holds a finetuning run ({model}), which pretraining cannot continue; "
