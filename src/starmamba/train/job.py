@@ -51,7 +51,7 @@ JobConfig = PretrainConfig | FinetuneConfig
 def run_job(config: JobConfig, task: Task) -> dict[str, Any]:
     """Train ``task`` as ``config`` says; returns the task's summary with ``steps``, ``images``, ``seconds``,
     ``skipped_images`` and ``output_dir``."""
-    with joined(config.device) as processes, claimed(config, processes) as claim, surviving_closed_stdout(config):
+    with joined(config.device) as processes, surviving_closed_stdout(config), claimed(config, processes) as claim:
         # Everything that can fail at the start comes before the folder is written to: the data
         # (it completes the config: a classifier's number of classes), the model, the resume.
         config, train_set = task.load(config, processes)
