@@ -434,3 +434,9 @@ def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_ste
     assert not (run_dir / "model.safetensors").exists()
     # Both ranks stopped after that step (rank 0 wrote the checkpoint, rank 1 waited for it).
     assert err.count(f"interrupted at step {step}; continue with --resume auto") == 2, err
+
+
+def test_resuming_a_checkpoint_that_does_not_exist_says_so(tmp_path, capsys):
+    assert main(["pretrain", *PRETRAIN_FLAGS, "--output_dir", str(tmp_path / "run"), "--resume", "/nonexistent/c"]) == 2
+    assert capsys.readouterr().err == "starmamba pretrain: error: no checkpoint at /nonexistent/c\n"
+    assert not (tmp_path / "run").exists()

@@ -242,3 +242,10 @@ def test_a_read_only_metrics_log_is_found_before_training(tmp_path):
     result = claim_in_child(run_dir, resume="auto")
     assert result.returncode == 1, result.stderr
     assert f"refused: cannot write to {run_dir / 'metrics.jsonl'} (Permission denied)" in result.stderr
+
+
+def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "run").write_text("mine")
+    with pytest.raises(OutputDirError, match=r"/run is a file, not a folder; choose another --output_dir$"):
+        claim_output_dir(tmp_path / "run", resume="", overwrite=False)
+    assert (tmp_path / "run").read_text() == "mine"

@@ -195,6 +195,8 @@ def leftover_replacements(run_dir: str | Path) -> list[Path]:
 def check_writable(*dirs: str | Path) -> None:
     """Create each folder if needed and write (then remove) a file in it; raise :class:`OutputDirError` if not."""
     for folder in map(Path, dirs):
+        if folder.exists() and not folder.is_dir():
+            raise OutputDirError(f"{folder} is a file, not a folder; choose another --output_dir")
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-", suffix=".tmp"):
