@@ -323,6 +323,21 @@ def test_the_same_signal_twice_stops_at_once():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers put back
 
 
+def test_a_forked_data_loader_worker_leaves_the_signal_to_the_training_process():
+    with StopSignals(announce=True) as stop:
+        child = os.fork()
+        if child == 0:  # as a DataLoader worker is: it inherits the handler; Ctrl-C reaches it too
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+                os._exit(3 if stop.received else 0)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert stop.received == 0
+
+
 LONG = [*PRETRAIN_FLAGS, "--limit_train", "400", "--epochs", "1"]  # 50 steps
 
 

@@ -250,9 +250,11 @@ class StopSignals:
     def __init__(self, announce: bool) -> None:
         self.received, self.stopping, self.announce = 0, 0, announce
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
+            self._pid = os.getpid()
             self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
@@ -261,6 +263,8 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the training process decides
+            return
         name = signal.Signals(signum).name
         if signum == self.received:
             raise Interrupted(f"{name} again: stopped at once; continue from the last checkpoint with --resume auto",
