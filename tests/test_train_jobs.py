@@ -111,12 +111,13 @@ PRETRAIN_FLAGS = ["--data_path", "synthetic", "--img_size", "16", "--patch_size"
 @pytest.mark.slow
 def test_resume_after_a_kill_reaches_the_same_weights(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run(cli("pretrain", *PRETRAIN_FLAGS, "--output_dir", str(tmp_path / "whole")), check=True, env=env,
+    flags = [*PRETRAIN_FLAGS, "--ckpt_every", "2", "--log_every", "3"]  # checkpoints between logged steps
+    subprocess.run(cli("pretrain", *flags, "--output_dir", str(tmp_path / "whole")), check=True, env=env,
                    capture_output=True)  # fmt: skip
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(cli("pretrain", *PRETRAIN_FLAGS, "--output_dir", str(killed), "--ckpt_every", "1"),
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(cli("pretrain", *flags, "--output_dir", str(killed)), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     pointer = killed / "checkpoints" / "latest"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
@@ -128,18 +129,19 @@ def test_resume_after_a_kill_reaches_the_same_weights(tmp_path):
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "model.safetensors").exists()
 
-    subprocess.run(cli("pretrain", *PRETRAIN_FLAGS, "--output_dir", str(killed), "--resume", "auto"), check=True,
-                   env=env, capture_output=True)  # fmt: skip
+    subprocess.run(cli("pretrain", *flags, "--output_dir", str(killed), "--resume", "auto"), check=True, env=env,
+                   capture_output=True)  # fmt: skip
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(killed / "model.safetensors")
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
     # The log reads as one run: the steps logged after the last checkpoint are not there twice, and
-    # the end-of-epoch validation (of identical weights) logs the same loss. (A training-loss window
-    # cut by the kill averages only the steps after the resume.)
+    # the same losses are logged: a checkpoint closes the training-loss window, so the first line
+    # after the resume averages the steps it does in the run that was not killed.
     logs = [read_metrics(run / "metrics.jsonl") for run in (tmp_path / "whole", killed)]
     assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]]
     assert [r.get("val_loss") for r in logs[0]] == [r.get("val_loss") for r in logs[1]]
+    assert [r.get("loss") for r in logs[0]] == [r.get("loss") for r in logs[1]]
     assert any("val_loss" in r for r in logs[0])
 
 

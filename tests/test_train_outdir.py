@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from starmamba.train.outdir import LOCK_NAME, OutputDirError, RunLock, claim_output_dir, guard_output_dir
+from starmamba.train.outdir import (
+    LOCK_NAME,
+    OutputDirError,
+    RunLock,
+    claim_output_dir,
+    guard_output_dir,
+    leftover_replacements,
+    run_artefacts,
+)
 
 PR_CAPBSET_DROP, CAP_DAC_OVERRIDE = 24, 1
 
@@ -67,13 +75,67 @@ def test_resuming_another_runs_checkpoint_into_a_run_folder_is_refused(tmp_path)
         guard_output_dir(tmp_path / "run", resume=str(tmp_path / "other" / "checkpoints" / "step-1"), overwrite=False)
 
 
-def test_overwrite_removes_only_what_a_run_writes(tmp_path):
+def test_overwrite_claims_without_removing_then_sets_aside_and_discards_only_what_a_run_writes(tmp_path):
+    run_dir = tmp_path / "run"
+    files = finished_run(run_dir)
+    (run_dir / "notes.txt").write_text("mine")
+    claim = claim_output_dir(run_dir, resume="", overwrite=True)
+    assert contents(run_dir) == files | {"notes.txt": b"mine"}  # claiming removes nothing
+    claim.replacement.set_aside()
+    (aside,) = leftover_replacements(run_dir)
+    assert {name.split("/", 1)[1] for name in contents(run_dir) if name.startswith(aside.name)} == set(files)
+    assert {name for name in contents(run_dir) if not name.startswith(aside.name)} == {"notes.txt"}
+    claim.replacement.discard()
+    claim.release()
+    assert contents(run_dir) == {"notes.txt": b"mine"}
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME, "notes.txt"]
+
+
+def test_a_replacement_that_fails_to_start_puts_the_old_run_back_and_drops_the_new_runs_files(tmp_path):
+    run_dir = tmp_path / "run"
+    files = finished_run(run_dir)
+    (run_dir / "notes.txt").write_text("mine")
+    claim = claim_output_dir(run_dir, resume="", overwrite=True)
+    claim.replacement.set_aside()
+    (run_dir / "config.json").write_text('{"epochs": 3}')  # what the new run wrote before it failed
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    (run_dir / "tensorboard").mkdir()
+    claim.replacement.restore()
+    claim.release(failed=True)
+    assert contents(run_dir) == files | {"notes.txt": b"mine"}
+    assert leftover_replacements(run_dir) == [] and not (run_dir / "tensorboard").exists()
+
+
+def test_a_replaced_run_left_aside_by_a_killed_start_is_warned_about(tmp_path):
     run_dir = tmp_path / "run"
     finished_run(run_dir)
-    (run_dir / "notes.txt").write_text("mine")
-    claim_output_dir(run_dir, resume="", overwrite=True).release()
-    assert contents(run_dir) == {"notes.txt": b"mine"}
-    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_NAME, "checkpoints", "notes.txt"]
+    claim = claim_output_dir(run_dir, resume="", overwrite=True)
+    claim.replacement.set_aside()
+    claim.lock.release()  # as a kill -9 would: neither discarded nor restored
+    (aside,) = leftover_replacements(run_dir)
+    with pytest.warns(RuntimeWarning, match=f"{aside} holds a run that an --overwrite start set aside"):
+        claim_output_dir(run_dir, resume="", overwrite=False).release()
+
+
+def test_a_folder_holding_only_a_config_is_not_a_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"epochs": 2}')  # left by a start that failed
+    assert run_artefacts(tmp_path / "run") == []
+    claim_output_dir(tmp_path / "run", resume="", overwrite=False).release()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    assert run_artefacts(tmp_path / "run") == ["config.json", "metrics.jsonl"]
+
+
+def test_a_failed_start_removes_the_folder_it_created_and_only_that(tmp_path):
+    claim_output_dir(tmp_path / "new", resume="", overwrite=False).release(failed=True)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    claim_output_dir(tmp_path / "mine", resume="", overwrite=False).release(failed=True)
+    assert (tmp_path / "mine").is_dir()  # the user's own folder stays
+    claim = claim_output_dir(tmp_path / "used", resume="", overwrite=False)
+    (tmp_path / "used" / "config.json").write_text("{}")
+    claim.release(failed=True)
+    assert (tmp_path / "used" / "config.json").is_file()
 
 
 def test_a_folder_without_a_run_is_used_as_is(tmp_path):
@@ -81,7 +143,7 @@ def test_a_folder_without_a_run_is_used_as_is(tmp_path):
     (tmp_path / "run" / "notes.txt").write_text("mine")
     claim_output_dir(tmp_path / "run", resume="", overwrite=False).release()
     claim_output_dir(tmp_path / "new" / "deeper", resume="auto", overwrite=False).release()
-    assert (tmp_path / "new" / "deeper" / "checkpoints").is_dir()
+    assert (tmp_path / "new" / "deeper").is_dir()
 
 
 HOLD = """
@@ -180,3 +242,10 @@ def test_a_read_only_metrics_log_is_found_before_training(tmp_path):
     result = claim_in_child(run_dir, resume="auto")
     assert result.returncode == 1, result.stderr
     assert f"refused: cannot write to {run_dir / 'metrics.jsonl'} (Permission denied)" in result.stderr
+
+
+def test_an_output_dir_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "run").write_text("mine")
+    with pytest.raises(OutputDirError, match=r"/run is a file, not a folder; choose another --output_dir$"):
+        claim_output_dir(tmp_path / "run", resume="", overwrite=False)
+    assert (tmp_path / "run").read_text() == "mine"

@@ -13,7 +13,7 @@ import torch
 import tyro
 
 from starmamba import __version__
-from starmamba.errors import RunError
+from starmamba.errors import Interrupted, RunError
 from starmamba.experiments.ablate import AblateConfig, run_ablation
 from starmamba.experiments.demo import DemoConfig, run_demo
 from starmamba.experiments.recipes import PRESETS, preset
@@ -72,13 +72,25 @@ def parse_job(job: str, config_type: type, family: str, argv: list[str]):
     )
 
 
+def given(argv: list[str], option: str) -> bool:
+    """Whether ``--option`` is on the command line (``--option VALUE`` or ``--option=VALUE``)."""
+    return any(arg == f"--{option}" or arg.startswith(f"--{option}=") for arg in argv)
+
+
 def cmd_pretrain(argv: list[str]) -> None:
-    run_pretrain(parse_job("pretrain", PretrainConfig, "star", argv))
+    config = parse_job("pretrain", PretrainConfig, "star", argv)
+    moot = [f"--{option}" for option in ("separator_position", "separator_value") if given(argv, option)]
+    if moot and config.arch.separator == "none":
+        raise ValueError(
+            f"{' and '.join(moot)} given with --separator none: there is no separator to place; leave "
+            f"{'them' if len(moot) > 1 else 'it'} out, or choose a --separator"
+        )
+    run_pretrain(config)
 
 
 def cmd_finetune(argv: list[str]) -> None:
-    given = any(arg == "--num_classes" or arg.startswith("--num_classes=") for arg in argv)
-    run_finetune(parse_job("finetune", FinetuneConfig, "mambamlp", argv), num_classes_given=given)
+    config = parse_job("finetune", FinetuneConfig, "mambamlp", argv)
+    run_finetune(config, num_classes_given=given(argv, "num_classes"))
 
 
 def cmd_evaluate(argv: list[str]) -> None:
@@ -161,6 +173,12 @@ def _run(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, PermissionError, RunError) as error:
         print(f"starmamba {command}: error: {error}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # a training run's checkpoint is written; the message says how to go on
+        print(f"starmamba {command}: {stop}", file=sys.stderr)
+        return end_process(stop.exit_code)
+    except KeyboardInterrupt:
+        print(f"starmamba {command}: interrupted", file=sys.stderr)
+        return end_process(130)
     except SystemExit as done:  # tyro exits after --help and after a config it refused (already printed)
         return done.code if isinstance(done.code, int) else 2
     return end_process(0)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import os
 import re
 from pathlib import Path
 
 _UNPICKLER = re.compile(r"WeightsUnpickler error:\s*(.+)")
+_OS_CODE = re.compile(r"\bcode: (\d+)")
+_ZIP_WRITE_FAILED = ("unexpected pos", "file write failed")
 
 
 class RunError(Exception):
@@ -25,12 +28,33 @@ def load_error_reason(error: BaseException) -> str:
     return line.strip().split(". ")[0].rstrip(".")
 
 
-def write_error(error: OSError, target: str | Path) -> OSError | RunError:
-    """A :class:`RunError` for a full disk or a refused permission met while writing ``target``, else ``error``."""
-    if error.errno == errno.ENOSPC:
+def write_error(error: BaseException, target: str | Path) -> BaseException:
+    """A :class:`RunError` for a full disk or a refused permission met while writing ``target``, else ``error``.
+
+    Besides ``OSError``, the writers' own errors carry these: safetensors' ``SafetensorError`` names the
+    OS error's code (``IoError(Os { code: 28, ... })``), and ``torch.save`` on a full disk raises a
+    ``RuntimeError`` of its zip writer ("unexpected pos ...", "file write failed").
+    """
+    code = getattr(error, "errno", None) if isinstance(error, OSError) else None
+    if code is None and type(error).__name__ == "SafetensorError":
+        found = _OS_CODE.search(str(error))
+        code = int(found[1]) if found else None
+    if code is None and isinstance(error, RuntimeError) and any(s in str(error) for s in _ZIP_WRITE_FAILED):
+        code = errno.ENOSPC
+    if code == errno.ENOSPC:
         return RunError(f"no space left on device while writing {target}; free space or choose another --output_dir")
-    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        where = error.filename or target
-        return RunError(f"permission denied while writing {where} ({error.strerror}); fix its permissions or "
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = (error.filename if isinstance(error, OSError) else None) or target
+        reason = os.strerror(code)
+        return RunError(f"permission denied while writing {where} ({reason}); fix its permissions or "
                         "choose another --output_dir")  # fmt: skip
     return error
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM; the process ends with ``exit_code`` (128 + the signal), as a shell
+    reports a process the signal ended. A KeyboardInterrupt, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -177,19 +177,38 @@ class FashionMNIST(Dataset):
         return Image.fromarray(self.images[index]).convert("RGB"), int(self.labels[index])
 
 
+def _unlistable(error: OSError) -> PermissionError:
+    """A folder of the data set that cannot be listed: an error naming it (rather than a class silently lost)."""
+    return PermissionError(
+        f"cannot list {error.filename} ({error.strerror or error}); fix its permissions (a data set folder must be "
+        "readable and searchable)"
+    )
+
+
 def _class_names(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise FileNotFoundError(
             f"{split_dir} is not a directory; expected the layout root/{{train,val}}/<class>/<image>"
         )
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as error:
+        raise _unlistable(error) from None
 
 
 def _image_files(class_dir: Path) -> list[str]:
+    """The images under ``class_dir`` (in subfolders too), sorted; a folder that cannot be listed is an error."""
+
+    def refuse(error: OSError) -> None:
+        raise _unlistable(error) from None
+
     return sorted(
-        str(p)
-        for p in class_dir.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(class_dir, onerror=refuse)
+        for name in names
+        if Path(name).suffix.lower() in IMAGE_EXTENSIONS
+        and not name.startswith(".")
+        and os.path.isfile(os.path.join(folder, name))
     )
 
 

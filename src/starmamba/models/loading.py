@@ -74,6 +74,11 @@ def load_classifier(path: str | Path, ema: bool = False) -> tuple[MambaMLPClassi
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.is_dir() and is_hub_folder(path):
+        model = load_model(path, ema)
+        if not isinstance(model, MambaMLPClassifier):
+            raise ValueError(f"{path} holds a pretraining model; finetune it first (--finetune {path})")
+        return model, f"{model.pretrained_cfg['architecture']} exported to {path}"
     if is_arm_file(path):
         checkpoint = read_arm_checkpoint(path)
         key = "model_ema" if ema else "model"

@@ -104,6 +104,8 @@ def load_training_state(checkpoint_dir: str | Path) -> dict:
     """The training state of a checkpoint directory, its tensors on the CPU."""
     checkpoint_dir = Path(checkpoint_dir)
     file = checkpoint_dir / "training_state.pt"
+    if not checkpoint_dir.exists():
+        raise FileNotFoundError(f"no checkpoint at {checkpoint_dir}")
     if checkpoint_dir.is_file():
         raise ValueError(
             f"{checkpoint_dir} is a weights file, not a training checkpoint; resume from a checkpoint "

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import tyro
 from typeguard import TypeCheckError, check_type
@@ -99,6 +100,7 @@ class RunConfig:
     memory (benchmarks/memory.py) for one more forward pass of the encoder"""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for name in ("batch_size", "accum_iter", "epochs", "keep_checkpoints", "log_every"):
             check_positive(name, getattr(self, name))
         for name in ("warmup_epochs", "min_lr", "weight_decay", "num_workers", "ckpt_every", "blr"):
@@ -116,6 +118,19 @@ class RunConfig:
         for beta in self.betas:
             check_fraction("betas", beta)
         check_fraction("max_unreadable", self.max_unreadable)
+
+
+def check_finite(config: Any, where: str = "") -> None:
+    """Raise a ValueError naming the option unless every float of ``config`` (and of its nested configs,
+    tuples included) is finite: NaN passes every range check, and inf ends a run mid-training."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            check_finite(value, where)
+            continue
+        for number in value if isinstance(value, tuple) else (value,):
+            if isinstance(number, float) and not math.isfinite(number):
+                raise ValueError(f"{where}{item.name}={value!r} is not a finite number")
 
 
 def available_workers(most: int = 4) -> int:
@@ -271,7 +286,10 @@ class EvaluateConfig:
     """fraction of the validation images that may be unreadable (skipped, counted) before evaluation stops"""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         check_fraction("max_unreadable", self.max_unreadable)
+        if self.crop_pct is not None:
+            check_fraction("crop_pct", self.crop_pct)
         check_positive("batch_size", self.batch_size)
         check_positive("num_workers", self.num_workers, allow_zero=True)
         check_choice("device", self.device, Device)

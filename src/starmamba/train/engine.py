@@ -240,7 +240,11 @@ class TrainLoader:
 
 
 class NonFiniteLoss(RunError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite at optimizer ``step`` (1-based) of ``epoch`` (0-based)."""
+
+    def __init__(self, message: str, step: int, epoch: int) -> None:
+        super().__init__(message)
+        self.step, self.epoch = step, epoch
 
 
 def stop_if_not_finite(first_step: float, epoch: int) -> None:
@@ -250,7 +254,9 @@ def stop_if_not_finite(first_step: float, epoch: int) -> None:
     if math.isfinite(first_step):
         raise NonFiniteLoss(
             f"the training loss is not finite (NaN or inf) at step {int(first_step)} (epoch {epoch + 1}); "
-            "stopping, the last checkpoint is kept: lower the lr, or clip gradients (--clip_grad)"
+            "stopping, the last checkpoint is kept: lower the lr, or clip gradients (--clip_grad)",
+            int(first_step),
+            epoch,
         )
 
 
@@ -307,15 +313,20 @@ class LossWindow:
 
 
 def train_one_epoch(
-    state: TrainState, loader: TrainLoader, task: Task, after_step: Callable[[dict[str, float] | None], None]
+    state: TrainState,
+    loader: TrainLoader,
+    task: Task,
+    after_step: Callable[[dict[str, float] | None], None],
+    log_now: Callable[[Position], bool] = lambda position: False,
 ) -> None:
     """Train from ``state.position`` to the end of its epoch.
 
     ``after_step(values)`` follows every optimizer step; ``values`` (loss and the task's logged values,
     averaged since the last logged step; lr, speed, the mean clipped gradient norm) are given every
-    ``log_every`` steps and at the epoch's last step, None otherwise. Nothing is read from the device
-    between those steps. At them, and at checkpoint steps, every process checks that no loss was
-    NaN or infinite and stops with :class:`NonFiniteLoss` otherwise.
+    ``log_every`` steps, at the epoch's last step and when ``log_now(position)`` says so (it is called
+    after every step, on every process), None otherwise. Nothing is read from the device between those
+    steps. At them, and at checkpoint steps, every process checks that no loss was NaN or infinite and
+    stops with :class:`NonFiniteLoss` otherwise.
     """
     run, position, device = state.run, state.position, state.processes.device
     state.model.train()
@@ -338,7 +349,7 @@ def train_one_epoch(
         if grad_norm is not None:
             window.add({"grad_norm": grad_norm})
         # The run's first step is logged too: a short run shows its start before log_every steps.
-        logged = position.step % run.log_every == 0 or position.step == loader.steps_per_epoch
+        logged = log_now(position) or position.step % run.log_every == 0 or position.step == loader.steps_per_epoch
         logged = logged or position.global_step == 1
         if logged or (run.ckpt_every and position.global_step % run.ckpt_every == 0):
             stop_if_not_finite(window.first_non_finite(), position.epoch)

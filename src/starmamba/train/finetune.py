@@ -53,6 +53,11 @@ class FinetuneTask:
             train_data = labels_per_class_subset(train_data, cfg.labels_per_class, cfg.seed)
         val_data = build_dataset(cfg.data_path, "val", limit=cfg.limit_val, max_unreadable=cfg.max_unreadable)
         info = train_data.info
+        if info.num_classes < 2:
+            raise ValueError(
+                f"{cfg.data_path} has {info.num_classes} class ({', '.join(info.classes)}); a classifier needs at "
+                "least 2 (pretraining takes a data set of any number of classes)"
+            )
         if cfg.arch.num_classes != info.num_classes:
             if self.num_classes_given:
                 raise ValueError(
@@ -70,7 +75,8 @@ class FinetuneTask:
         val_transform = EvalTransform(
             cfg.arch.img_size, info.mean, info.std, crop_pct=cfg.crop_pct, resize=cfg.eval_resize
         )
-        self.val_loader = eval_loader(Augmented(val_data, val_transform), cfg.batch_size, cfg.num_workers, processes)
+        self.val_set = Augmented(val_data, val_transform)
+        self.val_loader = eval_loader(self.val_set, cfg.batch_size, cfg.num_workers, processes)
         self.mixup = (
             MixupCutmix(info.num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.smoothing)
             if cfg.mixup > 0 or cfg.cutmix > 0

@@ -1,14 +1,21 @@
 """The skeleton every training job shares: ``run_job(config, task)``, and what a run writes.
 
-``run_job`` goes through the same steps for pretraining and finetuning: join the processes, load
-the data, complete and write the config, seed, build the model (``TrainState``: DDP, EMA,
-optimizer, resumed when asked), open the metrics, train epoch by epoch, export the weights. The
-``Task`` supplies what differs: data, model, loss and evaluation.
+``run_job`` goes through the same steps for pretraining and finetuning: join the processes, lock
+the output folder, load the data (which completes the config), seed, build the model
+(``TrainState``: DDP, EMA, optimizer), resume it when asked, and only then write to the folder:
+set aside the run ``--overwrite`` replaces, write the config, open the metrics, train epoch by
+epoch, export the weights. Whatever fails before that leaves the folder as it was. The ``Task``
+supplies what differs: data, model, loss and evaluation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -16,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 
-from starmamba.errors import RunError, write_error
+from starmamba.errors import Interrupted, RunError, write_error
 from starmamba.files import write_json
 from starmamba.models import SIZES
+from starmamba.models.weights import check_compatible
 from starmamba.train.checkpoint import (
     checkpoint_step,
     export_weights,
@@ -30,10 +40,11 @@ from starmamba.train.checkpoint import (
 )
 from starmamba.train.config import FinetuneConfig, PretrainConfig, RunConfig, to_dict
 from starmamba.train.distributed import Processes, all_reduce_sum, barrier, joined
-from starmamba.train.engine import Task, TrainLoader, TrainState, train_one_epoch
+from starmamba.train.engine import NonFiniteLoss, Position, Task, TrainLoader, TrainState, train_one_epoch
 from starmamba.train.metrics import MetricsLog, read_metrics
-from starmamba.train.outdir import OutputDirError, claim_output_dir
+from starmamba.train.outdir import Claim, OutputDirError, claim_output_dir, resumes_run_in, run_artefacts
 from starmamba.train.plots import plot_curves
+from starmamba.train.precision import resolve_precision
 
 JobConfig = PretrainConfig | FinetuneConfig
 
@@ -41,13 +52,10 @@ JobConfig = PretrainConfig | FinetuneConfig
 def run_job(config: JobConfig, task: Task) -> dict[str, Any]:
     """Train ``task`` as ``config`` says; returns the task's summary with ``steps``, ``images``, ``seconds``,
     ``skipped_images`` and ``output_dir``."""
-    with joined(config.device) as processes, claimed(config, processes):
-        # Data first: it completes the config (a classifier's number of classes).
+    with joined(config.device) as processes, surviving_closed_stdout(config), claimed(config, processes) as claim:
+        # Everything that can fail at the start comes before the folder is written to: the data
+        # (it completes the config: a classifier's number of classes), the model, the resume.
         config, train_set = task.load(config, processes)
-
-        # Config: written before training, so that a run that fails can be rerun with --config.
-        output = RunOutput(config, processes)
-        output.write_config()
 
         # Seed: the same initial weights on every process (DDP broadcasts rank 0's anyway).
         torch.manual_seed(config.seed)
@@ -55,28 +63,35 @@ def run_job(config: JobConfig, task: Task) -> dict[str, Any]:
         # Model: DDP, EMA and optimizer in one place, then the checkpoint to resume from.
         model, description = task.build_model(config)
         state = TrainState.create(model, config, processes)
+        output = RunOutput(config, processes, claim)
         output.name_model(state.module)
         loader = TrainLoader(train_set, config, processes)
         start = resume(state, config) if config.resume else "no checkpoint, starting fresh"
         if state.position.epoch >= config.epochs:
             start = f"{start}: already complete ({config.epochs} epochs)"
+
+        # The folder: the run this one replaces goes aside, the config (of a resume that worked) is written.
+        output.begin()
         if processes.is_main:
             print(f"{output.title}, {description}")
             print(describe_batch(state, len(train_set), loader))
             print(start)
 
         # Metrics: a resumed run drops the records after its checkpoint and logs them again.
-        metrics = MetricsLog(output.run_dir, enabled=processes.is_main, tensorboard=config.tensorboard)
-        metrics.rewind(state.position.global_step)
+        with output.writing("metrics.jsonl"):
+            metrics = MetricsLog(output.run_dir, enabled=processes.is_main, tensorboard=config.tensorboard)
+            metrics.rewind(state.position.global_step)
 
         # Train, then export the final weights.
         started, first_step = time.perf_counter(), state.position.global_step
         try:
-            with out_of_memory_hint(config, processes):
+            with out_of_memory_hint(config, processes), non_finite_hint(state, output):
                 train(state, loader, task, output, metrics)
-            skipped = skipped_images(train_set)
+            # A task that evaluates on images of its own exposes them as ``val_set``.
+            skipped = skipped_images(train_set) + skipped_images(getattr(task, "val_set", None))
             if skipped:
-                metrics.log(state.position.global_step, skipped_images=skipped)
+                with output.writing("metrics.jsonl"):
+                    metrics.log(state.position.global_step, skipped_images=skipped)
         finally:
             metrics.close()
 
@@ -95,16 +110,18 @@ def run_job(config: JobConfig, task: Task) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def claimed(config: JobConfig, processes: Processes) -> Iterator[None]:
+def claimed(config: JobConfig, processes: Processes) -> Iterator[Claim | None]:
     """Hold ``config.output_dir`` for the run (:func:`claim_output_dir` on rank 0); every rank stops if it fails.
 
     Rank 0 checks and locks the folder before anything is loaded or written; the other ranks wait for
     its answer, so that a refused folder ends every process at once instead of leaving them at a barrier.
+    Yields rank 0's claim (None on the other ranks). If the run fails before its first checkpoint, the
+    run it was to replace is put back.
     """
-    lock, refusal = None, None
+    claim, refusal = None, None
     if processes.is_main:
         try:
-            lock = claim_output_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
+            claim = claim_output_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
         except OutputDirError as error:
             refusal = error
     failed = all_reduce_sum(torch.tensor([float(refusal is not None)]))
@@ -112,11 +129,70 @@ def claimed(config: JobConfig, processes: Processes) -> Iterator[None]:
         raise refusal
     if failed.item():
         raise OutputDirError(f"rank 0 refused the output folder {config.output_dir}")
+    run_dir = Path(config.output_dir)
+    both = claim is not None and config.overwrite and config.resume
+    if both and resumes_run_in(config.resume, run_dir) and run_artefacts(run_dir):
+        print(f"note: --resume {config.resume} continues the run in {run_dir}; --overwrite is ignored "
+              "(leave out --resume to replace the run)")  # fmt: skip
+    try:
+        yield claim
+    except BaseException:
+        if claim is not None:
+            try:
+                claim.replacement.restore()
+            except OSError as error:
+                warnings.warn(f"could not put the replaced run back from {claim.replacement.aside}: {error}",
+                              stacklevel=1)  # fmt: skip
+            claim.release(failed=True)
+        raise
+    if claim is not None:
+        claim.release()
+
+
+class _DiscardOnceClosed(io.TextIOBase):
+    """stdout that, once its reader has gone (``| head``), discards what it is given and says so on stderr."""
+
+    def __init__(self, stream: Any, note: str) -> None:
+        self.stream, self.note = stream, note
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        # The descriptor itself goes to devnull, so that what the stream still buffers (and the
+        # interpreter's last flush) find a reader.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        print(self.note, file=sys.stderr, flush=True)
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+@contextlib.contextmanager
+def surviving_closed_stdout(config: JobConfig) -> Iterator[None]:
+    """Keep training when stdout's reader goes away (``starmamba pretrain ... | head -1``): the printed
+    lines are dropped, with one note on stderr; metrics and checkpoints still go to the run's folder."""
+    note = (f"stdout was closed; training goes on without printing (follow it in "
+            f"{Path(config.output_dir) / 'metrics.jsonl'})")  # fmt: skip
+    original = sys.stdout
+    sys.stdout = _DiscardOnceClosed(original, note)
     try:
         yield
     finally:
-        if lock is not None:
-            lock.release()
+        sys.stdout = original
 
 
 @contextlib.contextmanager
@@ -132,19 +208,105 @@ def out_of_memory_hint(config: JobConfig, processes: Processes) -> Iterator[None
         ) from error
 
 
-def skipped_images(train_set: Any) -> int:
-    """Unreadable training images skipped so far, over every process (0 for data sets that cannot have any)."""
-    count = getattr(getattr(train_set, "dataset", train_set), "num_skipped", 0)
+@contextlib.contextmanager
+def non_finite_hint(state: TrainState, output: RunOutput) -> Iterator[None]:
+    """Say what a loss that is no longer finite (the engine's :class:`NonFiniteLoss`, agreed by every process)
+    usually means, and which checkpoint is kept, in one line."""
+    try:
+        yield
+    except NonFiniteLoss as error:
+        found = f"the loss is not finite (NaN or inf) at step {error.step} (epoch {error.epoch + 1})"
+        raise RunError(non_finite_message(found, state, output)) from error
+
+
+def non_finite_message(found: str, state: TrainState, output: RunOutput) -> str:
+    """``found`` (what went NaN or inf, and when), its usual causes, and which checkpoint is kept."""
+    precision = resolve_precision(state.processes.device, state.run.precision)
+    kept = output.last_checkpoint
+    last = f"the last good checkpoint, {kept}, is kept" if kept else "no checkpoint of this run was written"
+    return (
+        f"{found}; the usual causes are a learning rate too high for the model (lr {state.lr:.3g} here: lower "
+        f"--blr or --lr, or clip gradients with --clip_grad) or too little precision ({precision}); {last}"
+    )
+
+
+def skipped_images(dataset: Any) -> int:
+    """Unreadable images of ``dataset`` skipped so far, over every process (0 for None, and for data sets that
+    cannot have any)."""
+    count = getattr(getattr(dataset, "dataset", dataset), "num_skipped", 0)
     return int(all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64)).item())
 
 
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM while training: the first asks the run to stop at the next step boundary,
+    after a checkpoint; the same signal again stops at once.
+
+    Every process checks the request at every step (:meth:`agreed`, a one-number all-reduce), so that
+    under torchrun all ranks stop after the same step whichever of them the signal reached. Installed
+    only in the main thread (where Python runs signal handlers).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool) -> None:
+        self.received, self.stopping, self.announce = 0, 0, announce
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._pid = os.getpid()
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the training process decides
+            return
+        name = signal.Signals(signum).name
+        if signum == self.received:
+            raise Interrupted(f"{name} again: stopped at once; continue from the last checkpoint with --resume auto",
+                              signum)  # fmt: skip
+        if not self.received:
+            self.received = signum
+            if self.announce:  # os.write: print() may be in the middle of a write of its own
+                os.write(2, f"\n{name}: stopping after this step, with a checkpoint ({name} again stops at once)\n"
+                         .encode())  # fmt: skip
+
+    def agreed(self) -> int:
+        """The signal to stop for, agreed by every process (0: go on); collective."""
+        flag = torch.tensor([self.received], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stopping = int(flag.item())
+        return self.stopping
+
+
 def train(state: TrainState, loader: TrainLoader, task: Task, output: RunOutput, metrics: MetricsLog) -> None:
-    """Train epoch by epoch to ``run.epochs``: log, evaluate, checkpoint and plot as the run's options say."""
+    """Train epoch by epoch to ``run.epochs``: log, evaluate, checkpoint and plot as the run's options say.
+
+    SIGINT and SIGTERM stop the run after the step under way, with a checkpoint (:class:`StopSignals`):
+    it raises :class:`Interrupted`.
+    """
     run, position = state.run, state.position
+
+    def checkpoint_due() -> bool:
+        # The epoch's last step is saved after the epoch, with its evaluation.
+        due = bool(run.ckpt_every) and position.global_step % run.ckpt_every == 0
+        return due and position.step < loader.steps_per_epoch
+
+    def log_now(_: Position) -> bool:
+        # A checkpoint closes the loss window, so that a run resumed from it logs the very lines of one
+        # that was not stopped; and a stop request is agreed here, before the window is read.
+        return bool(stop.agreed()) or checkpoint_due()
 
     def after_step(values: dict[str, float] | None) -> None:
         if values is not None:
-            metrics.log(position.global_step, **values)
+            with output.writing("metrics.jsonl"):
+                metrics.log(position.global_step, **values)
             loader.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
             if run.progress and not loader.show and state.processes.is_main:
                 print(
@@ -153,18 +315,26 @@ def train(state: TrainState, loader: TrainLoader, task: Task, output: RunOutput,
                     + group_losses(values),
                     flush=True,
                 )
-        if run.ckpt_every and position.global_step % run.ckpt_every == 0 and position.step < loader.steps_per_epoch:
-            output.save(state)  # the epoch's last step is saved below, after its evaluation
+        if stop.stopping or checkpoint_due():
+            output.save(state)
+        if stop.stopping:
+            raise Interrupted(f"interrupted at step {position.global_step}; continue with --resume auto "
+                              f"(checkpoint {output.last_checkpoint})", stop.stopping)  # fmt: skip
 
-    while position.epoch < run.epochs:
-        train_one_epoch(state, loader, task, after_step)
-        epoch = position.epoch
-        position.epoch, position.step = epoch + 1, 0
-        results = task.evaluate(state, epoch)
-        if results:
-            metrics.log(position.global_step, epoch=float(epoch + 1), **results)
-        output.save(state)
-        output.plot()
+    with StopSignals(announce=state.processes.is_main) as stop:
+        while position.epoch < run.epochs:
+            train_one_epoch(state, loader, task, after_step, log_now)
+            epoch = position.epoch
+            position.epoch, position.step = epoch + 1, 0
+            results = task.evaluate(state, epoch)
+            if results:
+                with output.writing("metrics.jsonl"):
+                    metrics.log(position.global_step, epoch=float(epoch + 1), **results)
+            output.save(state)
+            output.plot()
+            if position.epoch < run.epochs and stop.agreed():
+                raise Interrupted(f"interrupted at step {position.global_step}; continue with --resume auto "
+                                  f"(checkpoint {output.last_checkpoint})", stop.stopping)  # fmt: skip
 
 
 def group_losses(values: dict[str, float]) -> str:
@@ -217,12 +387,39 @@ def resume(state: TrainState, run: RunConfig) -> str:
             if index + 1 == len(candidates):
                 raise
             warnings.warn(f"{error}; resuming from the checkpoint before it, {candidates[index + 1]}", stacklevel=2)
-    state.load_state_dict(checkpoint)
     saved = checkpoint["run_config"]
+    check_resumable(saved, run, run_dir if run.resume == "auto" else path)
+    check_compatible(checkpoint["model"], state.module, source=str(path))
+    state.load_state_dict(checkpoint)
     if state.processes.is_main and (saved.get("epochs"), saved.get("batch_size")) != (run.epochs, run.batch_size):
         changed = f"{saved.get('epochs')}/{saved.get('batch_size')}"
         print(f"note: resuming {path} with epochs/batch_size changed from {changed}")
     return f"resuming from step {state.position.global_step} ({path})"
+
+
+def check_resumable(saved: dict[str, Any], run: JobConfig, source: Path) -> None:
+    """Refuse to resume a checkpoint of another kind of job, or of another architecture, naming what differs.
+
+    ``saved`` is the checkpoint's run config; ``source`` is what the user asked to resume (a run folder
+    or a checkpoint). A resumed run keeps its checkpoint's architecture: options that change it are errors.
+    """
+    model = saved.get("model", "")
+    if model and model.partition("_")[0] != run.model.partition("_")[0]:  # star_* pretrains, mambamlp_* finetunes
+        if isinstance(run, FinetuneConfig):
+            raise ValueError(f"{source} holds a pretraining run ({model}); to finetune from it use --finetune "
+                             f"{source} with another --output_dir")  # fmt: skip
+        raise ValueError(f"{source} holds a finetuning run ({model}), which pretraining cannot continue; "
+                         "choose another --output_dir")  # fmt: skip
+    saved_arch, arch = saved.get("arch", {}), to_dict(run).get("arch", {})
+    differ = [key for key in arch if key in saved_arch and saved_arch[key] != arch[key]]
+    if differ:
+        was = ", ".join(f"{key} {saved_arch[key]}" for key in differ)
+        now = ", ".join(f"{key} {arch[key]}" for key in differ)
+        flags = " ".join(f"--{key}" for key in differ)
+        raise ValueError(
+            f"{source} holds a model of {was}; this run asks for {now}: a resumed run keeps its checkpoint's "
+            f"architecture, so leave out {flags} (or give --config with the run's config.json)"
+        )
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -252,14 +449,16 @@ def _is_step_dir(path: Path) -> bool:
 class RunOutput:
     """What a run writes to its ``output_dir`` (only the main process writes; all meet at saves).
 
-    A full disk or a refused permission while writing is a :class:`RunError` naming the file.
+    Nothing is written before :meth:`begin`. A full disk or a refused permission while writing is a
+    :class:`RunError` naming the file.
     """
 
-    def __init__(self, config: JobConfig, processes: Processes) -> None:
-        self.config, self.processes = config, processes
+    def __init__(self, config: JobConfig, processes: Processes, claim: Claim | None) -> None:
+        self.config, self.processes, self.claim = config, processes, claim
         self.run_dir = Path(config.output_dir)
         self.model_config = config.arch.to_dict()
         self.model_name, self.description, self.title = config.model, config.model, config.model
+        self.last_checkpoint: str | None = None
 
     def name_model(self, model: nn.Module) -> None:
         """Title the run by what the model is, not by the preset its options started from.
@@ -271,28 +470,49 @@ class RunOutput:
         count = sum(p.numel() for p in model.parameters()) / 1e6
         self.title = f"{self.description}: {count:.2f}M"
 
-    def write_config(self) -> None:
-        """config.json: rerun with ``--config``."""
-        if self.processes.is_main:
-            with writing(self.run_dir / "config.json"):
-                write_json(self.run_dir / "config.json", to_dict(self.config))
+    def begin(self) -> None:
+        """The run starts writing: the run it replaces goes aside (until :meth:`save` or :meth:`export`
+        succeeds), and config.json is written (rerun with ``--config``; a resumed run's only once its
+        checkpoint has loaded)."""
+        if self.claim is None:
+            return
+        with self.writing(self.run_dir):
+            self.claim.replacement.set_aside()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self.writing("config.json"):
+            write_json(self.run_dir / "config.json", to_dict(self.config))
+        with contextlib.suppress(FileNotFoundError):  # a broken pointer: the resume has already warned
+            latest = latest_checkpoint(self.run_dir)
+            self.last_checkpoint = str(latest) if latest is not None else None
+
+    @contextlib.contextmanager
+    def writing(self, name: str | Path) -> Iterator[None]:
+        """Name ``run_dir / name`` in the :class:`RunError` of a full disk or a refused permission."""
+        with writing(self.run_dir / name):
+            yield
 
     def save(self, state: TrainState) -> None:
-        """A checkpoint of ``state`` (collective: every process waits for it)."""
+        """A checkpoint of ``state`` (collective: every process waits for it), once its weights are finite."""
+        if not all(torch.isfinite(p).all() for p in state.module.parameters()):  # the same on every process
+            found = f"the weights are not finite (NaN or inf) after step {state.position.global_step}"
+            raise RunError(non_finite_message(found, state, self))
+        checkpoint = self.run_dir / "checkpoints" / f"step-{state.position.global_step:08d}"
         if self.processes.is_main:
-            with writing(self.run_dir / "checkpoints" / f"step-{state.position.global_step:08d}"):
+            with self.writing(checkpoint):
                 save_checkpoint(
                     self.run_dir, state.state_dict(), model_name=self.model_name, model_config=self.model_config,
                     run_config=to_dict(self.config), keep_last=self.config.keep_checkpoints,
                     description=self.description,
                 )  # fmt: skip
+            self.claim.replacement.discard()
         barrier()
+        self.last_checkpoint = str(checkpoint)
 
     def plot(self) -> None:
         """curves.png from metrics.jsonl."""
         if self.processes.is_main:
             records = read_metrics(self.run_dir / "metrics.jsonl")
-            with writing(self.run_dir / "curves.png"):
+            with self.writing("curves.png"):
                 plot_curves(records, self.run_dir / "curves.png", title=self.title)
 
     def export(self, state: TrainState) -> None:
@@ -300,11 +520,12 @@ class RunOutput:
         if not self.processes.is_main:
             return
         name, config, description = self.model_name, self.model_config, self.description
-        with writing(self.run_dir / "model.safetensors"):
+        with self.writing("model.safetensors"):
             export_weights(self.run_dir / "model.safetensors", state.module.state_dict(), name, config, description)
         if state.ema is not None:
-            with writing(self.run_dir / "ema.safetensors"):
+            with self.writing("ema.safetensors"):
                 export_weights(self.run_dir / "ema.safetensors", state.ema.state_dict(), name, config, description)
+        self.claim.replacement.discard()
 
     def describe_end(self, summary: dict[str, Any], steps: int) -> str:
         """The run's last lines: what it did, its final metrics, and where its results are."""
@@ -333,8 +554,12 @@ def model_title(preset: str, arch: Any) -> str:
 
 @contextlib.contextmanager
 def writing(target: Path) -> Iterator[None]:
-    """Name ``target`` in the :class:`RunError` of a full disk or a refused permission met while writing it."""
+    """Name ``target`` in the :class:`RunError` of a full disk or a refused permission met while writing it
+    (:func:`starmamba.errors.write_error`: also the writers' own errors that carry one)."""
     try:
         yield
-    except OSError as error:
-        raise write_error(error, target) from error
+    except (OSError, RuntimeError, SafetensorError) as error:
+        mapped = write_error(error, target)
+        if mapped is error:
+            raise
+        raise mapped from error

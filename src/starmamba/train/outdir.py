@@ -9,6 +9,7 @@ behind, and the next run takes the lock over with a warning. POSIX only (``fcntl
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -32,6 +33,8 @@ RUN_FILES = (
 """Files a run writes at the top of its output folder."""
 RUN_DIRS = ("checkpoints", "tensorboard")
 """Folders a run writes in its output folder (they count as a run's only when not empty)."""
+REPLACED_PREFIX = ".replaced-run-"
+"""Hidden folder in a run folder that holds the previous run while ``--overwrite`` replaces it."""
 
 
 class OutputDirError(ValueError):
@@ -109,32 +112,30 @@ class RunLock:
 
 
 def run_artefacts(run_dir: str | Path) -> list[str]:
-    """The names of what a run leaves in ``run_dir`` that is there now (empty: no run there)."""
+    """The names of what a run leaves in ``run_dir`` that is there now (empty: no run there).
+
+    A config.json alone is what a start that failed leaves: it does not make a run.
+    """
     run_dir = Path(run_dir)
     found = [name for name in RUN_FILES if (run_dir / name).is_file()]
     found += [f"{name}/" for name in RUN_DIRS if (run_dir / name).is_dir() and any((run_dir / name).iterdir())]
-    return found
+    return [] if found == ["config.json"] else found
 
 
-def guard_output_dir(run_dir: str | Path, *, resume: str, overwrite: bool) -> None:
+def guard_output_dir(run_dir: str | Path, *, resume: str, overwrite: bool) -> list[str]:
     """Refuse ``run_dir`` if it holds a run this one does not resume, unless told to ``overwrite`` it.
 
     A run resumes the one in ``run_dir`` with ``resume='auto'`` or a checkpoint inside ``run_dir``.
-    ``overwrite`` removes the previous run's files and folders (only those a run writes) first.
-    Raises :class:`OutputDirError`.
+    Returns what ``overwrite`` is to replace (the previous run's files and folders, only those a run
+    writes), for :class:`Replacement` to set aside once the new run has started; nothing is removed
+    here. Raises :class:`OutputDirError`.
     """
     run_dir = Path(run_dir)
     found = run_artefacts(run_dir)
-    if not found or (resume and _inside(resume, run_dir)):
-        return
+    if not found or (resume and resumes_run_in(resume, run_dir)):
+        return []
     if overwrite:
-        for name in found:
-            path = run_dir / name.rstrip("/")
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-        return
+        return found
     continue_it = "" if resume else "continue it with --resume auto, "
     raise OutputDirError(
         f"{run_dir} already holds a run ({', '.join(found)}); {continue_it}replace it with --overwrite, "
@@ -142,9 +143,60 @@ def guard_output_dir(run_dir: str | Path, *, resume: str, overwrite: bool) -> No
     )
 
 
+class Replacement:
+    """The previous run that ``--overwrite`` replaces: set aside when the new run starts, deleted once it
+    has a checkpoint (or has finished), put back if it fails before that.
+
+    Set aside means moved into a hidden folder inside ``run_dir`` (renames: nothing is copied). A run
+    killed before it could delete or restore the old one leaves that folder behind; the next start
+    there warns about it (:func:`leftover_replacements`).
+    """
+
+    def __init__(self, run_dir: str | Path, names: list[str]) -> None:
+        self.run_dir, self.names = Path(run_dir), [name.rstrip("/") for name in names]
+        self.aside: Path | None = None
+
+    def set_aside(self) -> None:
+        if not self.names:
+            return
+        self.aside = self.run_dir / f"{REPLACED_PREFIX}{datetime.now(timezone.utc):%Y%m%dT%H%M%S}.{os.getpid()}"
+        self.aside.mkdir()
+        for name in self.names:
+            os.replace(self.run_dir / name, self.aside / name)
+
+    def discard(self) -> None:
+        """The new run has a checkpoint: the old one goes for good. Idempotent."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside)
+            self.aside = None
+
+    def restore(self) -> None:
+        """The new run failed before its first checkpoint: remove what it wrote and put the old run back."""
+        if self.aside is None:
+            return
+        for name in (*RUN_FILES, *RUN_DIRS):
+            path = self.run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        for name in self.names:
+            os.replace(self.aside / name, self.run_dir / name)
+        self.aside.rmdir()
+        self.aside = None
+
+
+def leftover_replacements(run_dir: str | Path) -> list[Path]:
+    """Folders of previous runs that an ``--overwrite`` start set aside and, killed, never deleted or put back."""
+    run_dir = Path(run_dir)
+    return sorted(run_dir.glob(f"{REPLACED_PREFIX}*")) if run_dir.is_dir() else []
+
+
 def check_writable(*dirs: str | Path) -> None:
     """Create each folder if needed and write (then remove) a file in it; raise :class:`OutputDirError` if not."""
     for folder in map(Path, dirs):
+        if folder.exists() and not folder.is_dir():
+            raise OutputDirError(f"{folder} is a file, not a folder; choose another --output_dir")
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-", suffix=".tmp"):
@@ -155,25 +207,55 @@ def check_writable(*dirs: str | Path) -> None:
             ) from None
 
 
-def claim_output_dir(run_dir: str | Path, *, resume: str, overwrite: bool) -> RunLock:
-    """Everything a run does to its output folder before it writes anything there, on rank 0 only.
+@dataclass
+class Claim:
+    """A run's hold on its output folder: the lock, and the previous run it replaces (if any)."""
+
+    lock: RunLock
+    replacement: Replacement
+    created: bool
+    """the folder did not exist before: a failed start removes it again"""
+
+    def release(self, *, failed: bool = False) -> None:
+        """Let the lock go; after a ``failed`` start, also remove the folder if this claim created it and it
+        holds nothing else."""
+        self.lock.release()
+        run_dir = self.lock.run_dir
+        if failed and self.created and [entry.name for entry in run_dir.iterdir()] == [LOCK_NAME]:
+            with contextlib.suppress(OSError):  # another process put something there meanwhile
+                self.lock.path.unlink()
+                run_dir.rmdir()
+
+
+def claim_output_dir(run_dir: str | Path, *, resume: str, overwrite: bool) -> Claim:
+    """Everything a run does to its output folder before it has loaded its data and model, on rank 0 only.
 
     Creates ``run_dir``, locks it, refuses it if it holds another run (:func:`guard_output_dir`),
-    and checks that it and its ``checkpoints/`` are writable. Returns the held lock; release it
-    (or leave its ``with`` block) when the run ends. Raises :class:`OutputDirError`.
+    and checks that it and its ``checkpoints/`` are writable. Writes nothing else: a run that
+    replaces another sets the old one aside only when it starts training (``claim.replacement``).
+    Release the claim when the run ends. Raises :class:`OutputDirError`.
     """
     run_dir = Path(run_dir)
+    created = not run_dir.exists()
     check_writable(run_dir)
-    lock = RunLock(run_dir).acquire()
+    claim = Claim(RunLock(run_dir).acquire(), Replacement(run_dir, []), created)
     try:
-        guard_output_dir(run_dir, resume=resume, overwrite=overwrite)
-        check_writable(run_dir / "checkpoints")
+        claim.replacement = Replacement(run_dir, guard_output_dir(run_dir, resume=resume, overwrite=overwrite))
+        for leftover in leftover_replacements(run_dir):
+            warnings.warn(
+                f"{leftover} holds a run that an --overwrite start set aside and, stopped, never put back or "
+                "deleted: move its files back into the folder, or delete it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if (run_dir / "checkpoints").is_dir():
+            check_writable(run_dir / "checkpoints")
         if (run_dir / "metrics.jsonl").is_file():
             _check_appendable(run_dir / "metrics.jsonl")
     except BaseException:
-        lock.release()
+        claim.release(failed=True)
         raise
-    return lock
+    return claim
 
 
 def _check_appendable(path: Path) -> None:
@@ -184,7 +266,7 @@ def _check_appendable(path: Path) -> None:
         raise OutputDirError(f"cannot write to {path} ({err.strerror or err}); fix its permissions") from None
 
 
-def _inside(resume: str, run_dir: Path) -> bool:
+def resumes_run_in(resume: str, run_dir: Path) -> bool:
     """Whether ``resume`` ('auto' or a checkpoint path) continues the run in ``run_dir``."""
     return resume == "auto" or Path(resume).resolve().is_relative_to(run_dir.resolve())
 

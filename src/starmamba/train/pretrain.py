@@ -60,13 +60,13 @@ class PretrainTask:
         transform = PretrainTransform(cfg.arch.img_size, info.mean, info.std, scale=(cfg.min_crop_scale, 1.0))
         per_sequence = cfg.arch.images_per_sequence
         if single_split(cfg.data_path):
-            self.val_batches = None
+            self.val_batches, self.val_set = None, None
             view = Augmented(dataset, EvalTransform(cfg.arch.img_size, info.mean, info.std, crop_pct=1.0))
             shown = min(2 * per_sequence, len(view) - len(view) % per_sequence)
             message = f"no validation loss: {cfg.data_path} is one split; reconstructions of training images"
         else:
             self.val_batches = validation_batches(cfg, processes)
-            view = self.val_batches.dataset
+            view = self.val_set = self.val_batches.dataset
             used = len(view) - len(view) % per_sequence
             shown = min(2 * per_sequence, used)  # two sequences for the reconstructions
             left = f", {len(view) - used} left out (not a whole sequence)" if used < len(view) else ""
