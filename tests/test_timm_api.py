@@ -130,11 +130,11 @@ def test_reset_classifier_replaces_the_head_and_the_config():
     assert isinstance(model.get_classifier(), torch.nn.Identity)
     torch.testing.assert_close(model(x), pooled, rtol=0, atol=0)  # no head: the pooled features
 
-    model.reset_classifier(0, global_pool=True)
+    model.reset_classifier(0, global_pool="avg")
     tokens = model.forward_features(x)
     torch.testing.assert_close(model(x), tokens[:, patch_positions(model.cls_index)].mean(dim=1))
     with pytest.raises(ValueError, match="needs global_pool=True"):
-        classifier(cls_token="none", global_pool=True).reset_classifier(3, global_pool=False)
+        classifier(cls_token="none", global_pool=True).reset_classifier(3, global_pool="token")
 
 
 GROUPED = {
@@ -186,8 +186,72 @@ def test_pretrained_cfg_is_timms_data_config():
     assert cfg["input_size"] == (3, 48, 48) and cfg["num_classes"] == 10 and cfg["classifier"] == "head"
     assert (cfg["interpolation"], cfg["crop_pct"], cfg["crop_mode"]) == ("bicubic", 0.875, "center")
     assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
-    model.pretrained_cfg = {**cfg, "mean": [0.5] * 3, "input_size": (3, 1, 1)}
-    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
-    assert model.pretrained_cfg["input_size"] == (3, 48, 48)  # follows the model, not what was stored
-    model.reset_classifier(4)
-    assert model.pretrained_cfg["num_classes"] == 4
+    model.pretrained_cfg = {"mean": [0.5] * 3, "label_names": ["a", "b"]}
+    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5) and model.pretrained_cfg["label_names"] == ("a", "b")
+    assert model.pretrained_cfg["input_size"] == (3, 48, 48) and model.pretrained_cfg["crop_pct"] == 0.875
+    model.reset_classifier(4)  # the head's class count follows; names of the old classes are dropped
+    assert model.pretrained_cfg["num_classes"] == 4 and "label_names" not in model.pretrained_cfg
+
+
+# timm's semantics, as timm documents them, written out here (timm itself is not a dependency):
+# - global_pool: 'avg' reads the mean of the patch tokens (prefix tokens left out), 'token' the class
+#   token, '' no pooling: forward_head then applies the head to every token, (B, L, classes), and
+#   pre_logits gives the tokens (B, L, dim). Any other name is refused. create_model drops keyword
+#   arguments that are None (the model's default stays); reset_classifier(n, None) keeps the pooling.
+# - create_model(pretrained=True) loads published weights; pretrained_cfg is a plain dict on the model.
+# - features_only=True gives a module returning a list of (B, C, H, W) maps of the blocks out_indices
+#   (for ViTs an int n means the last n blocks, 3 by default), with feature_info.channels() and
+#   .reduction() listing each map's channels and stride in input pixels.
+# - list_models(filter) keeps the names matching the shell-style wildcard(s), minus exclude_filters.
+
+POOLED = {
+    "avg": lambda tokens, model: tokens[:, patch_positions(model.cls_index)].mean(dim=1),
+    "token": lambda tokens, model: tokens[:, model.cls_index],
+    "": lambda tokens, model: tokens,
+}
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    options = dict(img_size=16, patch_size=4, dim=32, depth=3, num_classes=5, cls_token="middle") | overrides
+    model = create_model("mambamlp_tiny", **options).double().eval()
+    with torch.no_grad():
+        model.head.weight.normal_()
+    return model
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "token", ""])
+def test_create_model_global_pool_reads_what_timm_names(global_pool):
+    model = tiny(global_pool=global_pool)
+    x = images()
+    tokens = model.forward_features(x)
+    pooled = POOLED[global_pool](tokens, model)
+    assert model.global_pool == global_pool
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), pooled, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), pooled @ model.head.weight.T + model.head.bias)
+    if global_pool == "":
+        assert model(x).shape == (2, GRID * GRID + 1, 5)  # every token classified
+
+
+def test_create_model_global_pool_none_is_the_default_and_others_are_refused():
+    assert tiny(global_pool=None).global_pool == "avg" == tiny().global_pool  # ClassifierConfig's default
+    for name in ("max", "avgmax", "cls", "map"):
+        with pytest.raises(ValueError, match=f"global_pool='{name}' is not one of True / 'avg'"):
+            tiny(global_pool=name)
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "token", ""])
+def test_reset_classifier_global_pool_reads_what_timm_names(global_pool):
+    model = tiny(global_pool="token" if global_pool == "avg" else "avg").double()
+    model.reset_classifier(3, global_pool)
+    model.head.double()
+    x = images()
+    tokens = model.forward_features(x)
+    assert model.global_pool == global_pool and model.head.out_features == 3
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), POOLED[global_pool](tokens, model))
+    model.reset_classifier(2)  # None keeps the pooling
+    assert model.global_pool == global_pool
+    for name in ("max", True, "cls"):
+        with pytest.raises(ValueError, match=r"global_pool=.* is not one of 'avg', 'token', ''"):
+            model.reset_classifier(2, name)
+    assert model.global_pool == global_pool and model.head.out_features == 2  # a refusal changes nothing

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
+import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
 from torch import nn
 
 from starmamba.models.backbone import ClassifierConfig, MambaMLPClassifier
+from starmamba.models.convert import classifier_state_from_pretrained
+from starmamba.models.features import FeatureGetter
 from starmamba.models.star import StarConfig, StarPretrainer
 
 Size = Literal["tiny", "small", "base", "large", "huge"]
@@ -25,9 +30,23 @@ FAMILIES = {"mambamlp": ClassifierConfig, "star": StarConfig}
 MODEL_CLASSES = {"mambamlp": MambaMLPClassifier, "star": StarPretrainer}
 
 
-def list_models() -> list[str]:
-    """Every preset name, e.g. ``mambamlp_base`` or ``star_base``."""
-    return [f"{family}_{size}" for family in FAMILIES for size in get_args(Size)]
+def list_models(
+    filter: str | Sequence[str] = "", exclude_filters: str | Sequence[str] = "", pretrained: bool = False
+) -> list[str]:
+    """Preset names, e.g. ``mambamlp_base`` or ``star_base``, as timm's ``list_models``: those matching
+    ``filter`` (shell wildcards, e.g. ``"mambamlp_*"``; a list: any of them) and none of ``exclude_filters``.
+    ``pretrained=True`` lists the presets with published weights: none (see ``create_model``)."""
+    names = [f"{family}_{size}" for family in FAMILIES for size in get_args(Size)]
+    if pretrained:
+        return []
+
+    def matches(name: str, patterns: str | Sequence[str]) -> bool:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns if pattern)
+
+    if filter:
+        names = [name for name in names if matches(name, filter)]
+    return [name for name in names if not matches(name, exclude_filters)]
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -65,15 +84,72 @@ def build_model(config: ClassifierConfig | StarConfig) -> nn.Module:
     return StarPretrainer(config) if isinstance(config, StarConfig) else MambaMLPClassifier(config)
 
 
-def create_model(name: str, pretrained: str | Path | None = None, **overrides) -> nn.Module:
-    """Build preset ``name`` with ``overrides``, e.g. ``create_model("star_base", images_per_sequence=4)``.
+def create_model(
+    name: str,
+    pretrained: bool | str | Path | None = False,
+    features_only: bool = False,
+    out_indices: int | Sequence[int] = 3,
+    **overrides,
+) -> nn.Module:
+    """Build preset ``name`` with ``overrides``, e.g. ``create_model("star_base", images_per_sequence=4)``, as
+    timm's ``create_model``.
 
-    ``pretrained``: a folder from ``save_pretrained`` (or a Hub repo id) holding model ``name``; the
-    model is built from its config (with ``overrides``) and its weights, as ``from_pretrained`` does.
+    ``pretrained``: no weights are published, so a folder (or file) rather than True:
+
+    - a folder from ``save_pretrained`` or ``starmamba export`` (or a Hub repo id holding one) of model
+      ``name``: the model is built from its config (with ``overrides``) and its weights, as
+      ``from_pretrained`` does; another ``img_size`` resamples the learned position embedding;
+    - for ``mambamlp_*``, a pretraining run (STAR or ARM) or its export, a ``.safetensors`` file or ARM's
+      ``.pth``: the classifier of ``name`` and ``overrides`` gets that encoder, as ``finetune --finetune``
+      does (the class token and head stay freshly initialised).
+
+    ``global_pool`` as timm's: 'avg', 'token', or '' for none (None: the preset's). ``features_only``
+    returns a feature extractor (:class:`~starmamba.models.features.FeatureGetter`) of blocks ``out_indices``
+    (an int n: the last n; as timm's ViTs, the last 3 by default) with its ``feature_info``.
     """
-    if pretrained is None:
+    family, _ = split_name(name)
+    if pretrained is True:
+        raise ValueError(
+            f"no pretrained weights are published for {name}: pass pretrained=FOLDER, a folder written by "
+            "`starmamba export` or save_pretrained (or a Hub repo id holding one); for mambamlp_* also a "
+            "pretraining run, a .safetensors file or ARM's .pth, whose encoder is loaded"
+        )
+    if features_only and family != "mambamlp":
+        raise ValueError(f"features_only is for the mambamlp_* classifiers, not {name}")
+    if overrides.get("global_pool", "unset") is None:
+        del overrides["global_pool"]  # as timm: None leaves the preset's
+    no_pool = family == "mambamlp" and overrides.get("global_pool") == ""
+    if no_pool:
+        del overrides["global_pool"]
+    if not pretrained:
         model = build_model(model_config(name, **overrides))
         model.pretrained_cfg = {"architecture": name}
-        return model
-    family, _ = split_name(name)
-    return MODEL_CLASSES[family].from_pretrained(pretrained, architecture=name, **overrides)
+    elif family == "mambamlp" and holds_encoder(pretrained):
+        model = build_model(model_config(name, **overrides))
+        # Imported here: loading files is the train layer's (ARM's .pth, run folders).
+        from starmamba.train.loading import load_pretrained_state
+
+        state = load_pretrained_state(pretrained)
+        try:
+            model.load_state_dict(classifier_state_from_pretrained(state, model))
+        except ValueError as error:
+            raise ValueError(f"{pretrained}: {error}; pass the encoder's options (dim=, depth= ...)") from None
+        model.pretrained_cfg = {"architecture": name}
+    else:
+        model = MODEL_CLASSES[family].from_pretrained(pretrained, architecture=name, **overrides)
+    if no_pool:
+        model.global_pool = ""
+    return FeatureGetter(model, out_indices) if features_only else model
+
+
+def holds_encoder(pretrained: str | Path) -> bool:
+    """Whether ``pretrained`` is a source of an encoder only, to load as ``--finetune`` does: a weights file, a
+    run folder, or the Hub folder of a pretraining model (not a repo id, not a classifier's Hub folder)."""
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("arch" in config or str(config.get("architecture")).startswith("star_"))
