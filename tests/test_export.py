@@ -70,6 +70,7 @@ def test_model_card_says_what_the_run_measured_and_how_to_load(tmp_path):
         assert row in card, row
     assert f'create_model("mambamlp_tiny", pretrained="{tmp_path / "hub"}")' in card
     assert '"blr": 0.0003' in card and '"crop_pct": 0.75' in card  # the run's config
+    assert f"`starmamba predict {tmp_path / 'hub'} IMAGE_OR_FOLDER ...`" in card
 
 
 def test_export_of_a_pretraining_run_gives_the_star_model(tmp_path):

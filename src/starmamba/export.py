@@ -175,6 +175,11 @@ def model_card(run: Run, model: nn.Module, out_dir: str, ema: bool) -> ModelCard
         f"Inputs: {cfg['input_size'][1]} px images normalised with mean {list(cfg['mean'])} and std "
         f"{list(cfg['std'])} (`model.pretrained_cfg`).",
         "",
+        *(
+            [f"Classify your images from the command line: `starmamba predict {out_dir} IMAGE_OR_FOLDER ...`.", ""]
+            if classifier
+            else []
+        ),
         "## How it was trained",
         "",
         f"The run's `config.json`; `starmamba {'finetune' if classifier else 'pretrain'} --config` with this "
