@@ -13,8 +13,8 @@ from starmamba.cli import main
 from starmamba.data import UnlabelledImages, build_dataset
 from starmamba.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from starmamba.data.sources import single_split
-from starmamba.train.export import data_statistics
 from starmamba.train.metrics import read_metrics
+from starmamba.train.predict import run_data_config
 from starmamba.train.pretrain import run_pretrain
 from test_train_jobs import tiny_pretrain
 
@@ -85,4 +85,7 @@ def test_export_reads_the_normalisation_of_an_unlabelled_folder_without_a_warnin
     save_images(tmp_path / "photos", 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert data_statistics(str(tmp_path / "photos")) == {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        assert run_data_config({"data_path": str(tmp_path / "photos")}, classifier=False) == {
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        }

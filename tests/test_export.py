@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import numpy as np
+import onnxruntime
 import pytest
 import torch
 
@@ -68,6 +70,7 @@ def test_model_card_says_what_the_run_measured_and_how_to_load(tmp_path):
         assert row in card, row
     assert f'create_model("mambamlp_tiny", pretrained="{tmp_path / "hub"}")' in card
     assert '"blr": 0.0003' in card and '"crop_pct": 0.75' in card  # the run's config
+    assert f"`starmamba predict {tmp_path / 'hub'} IMAGE_OR_FOLDER ...`" in card
 
 
 def test_export_of_a_pretraining_run_gives_the_star_model(tmp_path):
@@ -129,3 +132,36 @@ def test_trained_run_exported_by_the_command_gives_identical_logits(tmp_path):
         expected = trained.eval()(images())
         assert torch.equal(MambaMLPClassifier.from_pretrained(tmp_path / hub)(images()), expected)
         assert torch.equal(create_model("mambamlp_tiny", pretrained=tmp_path / hub)(images()), expected)
+
+
+def test_export_onnx_agrees_with_pytorch_at_any_batch_size(tmp_path):
+    model, _ = fake_finetune_run(tmp_path / "run", ema=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():  # weights whose logits are far from 0
+            tensor.add_(torch.randn_like(tensor) * 0.1)
+    export_weights(tmp_path / "run" / "model.safetensors", model.state_dict(), "mambamlp_tiny", model.cfg.to_dict())
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "hub"), "--onnx"]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "hub" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (images_in,), (logits_out,) = session.get_inputs(), session.get_outputs()
+    assert (images_in.name, images_in.shape) == ("images", ["batch", 3, 16, 16])
+    assert (logits_out.name, logits_out.shape) == ("logits", ["batch", 4])
+    loaded = MambaMLPClassifier.from_pretrained(tmp_path / "hub")
+    generator = torch.Generator().manual_seed(2)
+    for batch in (1, 7):
+        x = torch.randn(batch, 3, 16, 16, generator=generator)
+        with torch.no_grad():
+            expected = loaded(x).numpy()
+        assert np.abs(expected).max() > 0.5
+        np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], expected, rtol=0, atol=1e-3)
+
+
+def test_export_onnx_refuses_a_pretraining_run_before_writing(tmp_path):
+    arch = model_config("star_tiny", **TINY, images_per_sequence=1, cluster_size=2)
+    run = tmp_path / "pre"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(to_dict(PretrainConfig(model="star_tiny", arch=arch))))
+    export_weights(run / "model.safetensors", build_model(arch).state_dict(), "star_tiny", arch.to_dict())
+    with pytest.raises(ValueError, match=r"--onnx exports classifiers; .* is a pretraining run"):
+        export_run(run, tmp_path / "hub", onnx=True)
+    assert not (tmp_path / "hub").exists()

@@ -99,8 +99,11 @@ def test_another_models_folder_is_refused(classifier_folder, star_folder):
     _, star = star_folder
     with pytest.raises(ValueError, match=r"holds star_small, a StarPretrainer, not a MambaMLPClassifier"):
         MambaMLPClassifier.from_pretrained(star)
-    with pytest.raises(ValueError, match=r"holds the model star_small, not mambamlp_small"):
+    # A pretraining folder gives a classifier its encoder (as --finetune does), which must fit.
+    with pytest.raises(ValueError, match=r"does not fit this classifier; .*pass the encoder's options"):
         create_model("mambamlp_small", pretrained=star)
+    with pytest.raises(ValueError, match=r"holds the model star_small, not star_base"):
+        create_model("star_base", pretrained=star)
     with pytest.raises(ValueError, match=r"holds the model mambamlp_tiny, not mambamlp_base"):
         create_model("mambamlp_base", pretrained=classifier)
 
@@ -161,4 +164,4 @@ def test_folders_without_a_starmamba_config(classifier_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"is not a model folder"):
         create_model("mambamlp_tiny", pretrained=tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match=r"is not a model folder"):
-        create_model("mambamlp_tiny", pretrained=folder / "model.safetensors")
+        MambaMLPClassifier.from_pretrained(folder / "model.safetensors")

@@ -1,11 +1,15 @@
 """timm's model API on the classifier: features/head split, head reset, parameter groups, data config and
 ``forward_intermediates`` checked against the blocks run by hand."""
 
+import json
+
 import pytest
 import torch
 
-from starmamba.models import ClassifierConfig, MambaMLPClassifier, create_model
+from starmamba.models import ClassifierConfig, MambaMLPClassifier, create_model, list_models
 from starmamba.models.mixer import scan_orders
+from starmamba.models.pos_embed import sincos_2d
+from starmamba.train.checkpoint import export_weights
 from starmamba.train.optim import layer_ids, param_groups
 
 GRID = 4  # 16 px images, 4 px patches
@@ -130,11 +134,11 @@ def test_reset_classifier_replaces_the_head_and_the_config():
     assert isinstance(model.get_classifier(), torch.nn.Identity)
     torch.testing.assert_close(model(x), pooled, rtol=0, atol=0)  # no head: the pooled features
 
-    model.reset_classifier(0, global_pool=True)
+    model.reset_classifier(0, global_pool="avg")
     tokens = model.forward_features(x)
     torch.testing.assert_close(model(x), tokens[:, patch_positions(model.cls_index)].mean(dim=1))
     with pytest.raises(ValueError, match="needs global_pool=True"):
-        classifier(cls_token="none", global_pool=True).reset_classifier(3, global_pool=False)
+        classifier(cls_token="none", global_pool=True).reset_classifier(3, global_pool="token")
 
 
 GROUPED = {
@@ -186,11 +190,190 @@ def test_pretrained_cfg_is_timms_data_config():
     assert cfg["input_size"] == (3, 48, 48) and cfg["num_classes"] == 10 and cfg["classifier"] == "head"
     assert (cfg["interpolation"], cfg["crop_pct"], cfg["crop_mode"]) == ("bicubic", 0.875, "center")
     assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
-    model.pretrained_cfg = {**cfg, "mean": [0.5] * 3, "input_size": (3, 1, 1)}
-    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
-    assert model.pretrained_cfg["input_size"] == (3, 48, 48)  # follows the model, not what was stored
-    model.reset_classifier(4)
-    assert model.pretrained_cfg["num_classes"] == 4
+    model.pretrained_cfg = {"mean": [0.5] * 3, "label_names": ["a", "b"]}
+    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5) and model.pretrained_cfg["label_names"] == ("a", "b")
+    assert model.pretrained_cfg["input_size"] == (3, 48, 48) and model.pretrained_cfg["crop_pct"] == 0.875
+    model.reset_classifier(4)  # the head's class count follows; names of the old classes are dropped
+    assert model.pretrained_cfg["num_classes"] == 4 and "label_names" not in model.pretrained_cfg
+
+
+# timm's semantics, as timm documents them, written out here (timm itself is not a dependency):
+# - global_pool: 'avg' reads the mean of the patch tokens (prefix tokens left out), 'token' the class
+#   token, '' no pooling: forward_head then applies the head to every token, (B, L, classes), and
+#   pre_logits gives the tokens (B, L, dim). Any other name is refused. create_model drops keyword
+#   arguments that are None (the model's default stays); reset_classifier(n, None) keeps the pooling.
+# - create_model(pretrained=True) loads published weights; pretrained_cfg is a plain dict on the model.
+# - features_only=True gives a module returning a list of (B, C, H, W) maps of the blocks out_indices
+#   (for ViTs an int n means the last n blocks, 3 by default), with feature_info.channels() and
+#   .reduction() listing each map's channels and stride in input pixels.
+# - list_models(filter) keeps the names matching the shell-style wildcard(s), minus exclude_filters.
+
+POOLED = {
+    "avg": lambda tokens, model: tokens[:, patch_positions(model.cls_index)].mean(dim=1),
+    "token": lambda tokens, model: tokens[:, model.cls_index],
+    "": lambda tokens, model: tokens,
+}
+
+
+def tiny(**overrides):
+    torch.manual_seed(0)
+    options = dict(img_size=16, patch_size=4, dim=32, depth=3, num_classes=5, cls_token="middle") | overrides
+    model = create_model("mambamlp_tiny", **options).double().eval()
+    with torch.no_grad():
+        model.head.weight.normal_()
+    return model
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "token", ""])
+def test_create_model_global_pool_reads_what_timm_names(global_pool):
+    model = tiny(global_pool=global_pool)
+    x = images()
+    tokens = model.forward_features(x)
+    pooled = POOLED[global_pool](tokens, model)
+    assert model.global_pool == global_pool
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), pooled, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), pooled @ model.head.weight.T + model.head.bias)
+    if global_pool == "":
+        assert model(x).shape == (2, GRID * GRID + 1, 5)  # every token classified
+
+
+def test_create_model_global_pool_none_is_the_default_and_others_are_refused():
+    assert tiny(global_pool=None).global_pool == "avg" == tiny().global_pool  # ClassifierConfig's default
+    for name in ("max", "avgmax", "cls", "map"):
+        with pytest.raises(ValueError, match=f"global_pool='{name}' is not one of True / 'avg'"):
+            tiny(global_pool=name)
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "token", ""])
+def test_reset_classifier_global_pool_reads_what_timm_names(global_pool):
+    model = tiny(global_pool="token" if global_pool == "avg" else "avg").double()
+    model.reset_classifier(3, global_pool)
+    model.head.double()
+    x = images()
+    tokens = model.forward_features(x)
+    assert model.global_pool == global_pool and model.head.out_features == 3
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), POOLED[global_pool](tokens, model))
+    model.reset_classifier(2)  # None keeps the pooling
+    assert model.global_pool == global_pool
+    for name in ("max", True, "cls"):
+        with pytest.raises(ValueError, match=r"global_pool=.* is not one of 'avg', 'token', ''"):
+            model.reset_classifier(2, name)
+    assert model.global_pool == global_pool and model.head.out_features == 2  # a refusal changes nothing
+
+
+def test_pretrained_true_says_no_weights_are_published_and_how_to_pass_a_folder():
+    with pytest.raises(
+        ValueError, match=r"no pretrained weights are published for mambamlp_base: pass pretrained=FOLDER"
+    ):
+        create_model("mambamlp_base", pretrained=True)
+    assert list_models(pretrained=True) == []
+
+
+@pytest.mark.parametrize("learnable", [True, False])
+def test_pretrained_folder_at_another_img_size_resamples_the_position_embedding(tmp_path, learnable):
+    saved = tiny(learnable_pos_embed=learnable).float()
+    with torch.no_grad():
+        saved.encoder.pos_embed.add_(0.1)  # weights no fresh model has
+    saved.save_pretrained(tmp_path)
+    model = create_model("mambamlp_tiny", pretrained=tmp_path, img_size=24)  # 4 x 4 patches -> 6 x 6
+    assert model.cfg.img_size == 24 and model.pretrained_cfg["input_size"] == (3, 24, 24)
+    old = saved.encoder.pos_embed.detach()
+    if learnable:  # bicubic resampling of the 4 x 4 grid, channel by channel, written out here
+        grid = old.reshape(1, GRID, GRID, 32).permute(0, 3, 1, 2)
+        expected = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+        expected = expected.permute(0, 2, 3, 1).reshape(1, 36, 32)
+    else:  # a fixed sin-cos embedding is that of the new grid
+        expected = sincos_2d(32, 6, 6)[None]
+    torch.testing.assert_close(model.encoder.pos_embed.detach(), expected, rtol=0, atol=1e-6)
+    for key, value in saved.state_dict().items():
+        if key != "encoder.pos_embed":
+            assert torch.equal(model.state_dict()[key], value), key
+    assert model(torch.randn(2, 3, 24, 24)).shape == (2, 5)
+
+
+def star_encoder(tmp_path):
+    """A STAR model (one scan, 16 px, 4 px patches) saved as a Hub folder, as a run folder and as a file."""
+    torch.manual_seed(0)
+    star = create_model("star_tiny", img_size=16, patch_size=4, dim=32, depth=3, images_per_sequence=1,
+                        cluster_size=2, decoder_dim=32, decoder_head_dim=16)  # fmt: skip
+    with torch.no_grad():
+        for tensor in star.state_dict().values():
+            tensor.add_(torch.randn_like(tensor) * 0.1)
+    star.save_pretrained(tmp_path / "hub")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"arch": star.cfg.to_dict(), "data_path": "synthetic"}))
+    export_weights(run / "model.safetensors", star.state_dict(), "star_tiny", star.cfg.to_dict())
+    return star, [tmp_path / "hub", run, run / "model.safetensors"]
+
+
+def test_a_classifier_from_a_pretraining_folder_gets_its_encoder_as_finetune_does(tmp_path):
+    star, sources = star_encoder(tmp_path)
+    # ARM's .pth names of the same encoder: layers.i.*, one scan direction without a suffix.
+    arm = {}
+    for key, value in star.state_dict().items():
+        if key.startswith("encoder."):
+            key = key.removeprefix("encoder.").replace("blocks.", "layers.").replace("directions.0.", "")
+            arm[key] = value
+    torch.save({"model": arm}, tmp_path / "arm.pth")
+    for source in [*sources, tmp_path / "arm.pth"]:
+        torch.manual_seed(1)
+        model = create_model("mambamlp_tiny", pretrained=source, img_size=24, patch_size=4, dim=32, depth=3)
+        state = model.state_dict()
+        for key, value in star.state_dict().items():
+            if key.startswith("encoder.blocks."):  # every scan direction starts as the pretrained one
+                for direction in range(4):
+                    assert torch.equal(state[key.replace("directions.0.", f"directions.{direction}.")], value)
+        grid = star.encoder.pos_embed.detach().reshape(1, GRID, GRID, 32).permute(0, 3, 1, 2)
+        resized = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+        torch.testing.assert_close(state["encoder.pos_embed"], resized.permute(0, 2, 3, 1).reshape(1, 36, 32))
+        torch.manual_seed(1)
+        fresh = create_model("mambamlp_tiny", img_size=24, patch_size=4, dim=32, depth=3)
+        assert torch.equal(state["head.weight"], fresh.state_dict()["head.weight"])  # the head stays fresh
+    with pytest.raises(ValueError, match=r"shape mismatch.*pass the encoder's options"):
+        create_model("mambamlp_tiny", pretrained=sources[1], patch_size=4, dim=64, depth=3)
+
+
+def test_features_only_returns_the_maps_of_out_indices_with_their_feature_info():
+    model = tiny(depth=4)
+    x = images()
+    maps = model.forward_intermediates(x, intermediates_only=True)  # every block, (B, dim, 4, 4)
+    torch.manual_seed(0)
+    for out_indices, blocks in ((3, [1, 2, 3]), ((0, 2), [0, 2]), ([-1], [3])):
+        extractor = create_model("mambamlp_tiny", img_size=16, patch_size=4, dim=32, depth=4, cls_token="middle",
+                                 features_only=True, out_indices=out_indices)  # fmt: skip
+        wanted = extractor.state_dict().keys()
+        extractor.load_state_dict({f"model.{k}": v for k, v in model.state_dict().items() if f"model.{k}" in wanted})
+        got = extractor.double().eval()(x)
+        assert isinstance(got, list) and len(got) == len(blocks)
+        for mine, block in zip(got, blocks, strict=True):
+            assert mine.shape == (2, 32, GRID, GRID)
+            torch.testing.assert_close(mine, maps[block], rtol=0, atol=0)
+        assert extractor.feature_info.channels() == [32] * len(blocks)
+        assert extractor.feature_info.reduction() == [4] * len(blocks)
+        assert extractor.feature_info.module_name() == [f"encoder.blocks.{b}" for b in blocks]
+        assert len(extractor.model.encoder.blocks) == blocks[-1] + 1  # later blocks pruned
+    with pytest.raises(ValueError, match="features_only is for the mambamlp_"):
+        create_model("star_tiny", features_only=True)
+
+
+def test_list_models_filters_by_wildcards():
+    assert list_models("mambamlp_*") == [f"mambamlp_{s}" for s in ("tiny", "small", "base", "large", "huge")]
+    assert list_models(["*_tiny", "star_h*"]) == ["mambamlp_tiny", "star_tiny", "star_huge"]
+    assert list_models("star_*", exclude_filters=["*large", "*huge"]) == ["star_tiny", "star_small", "star_base"]
+    assert list_models("vit_*") == [] and len(list_models()) == 10
+
+
+def test_pretrained_cfg_is_a_plain_dict_that_keeps_edits(tmp_path):
+    model = tiny()
+    cfg = model.pretrained_cfg
+    assert type(cfg) is dict and model.pretrained_cfg is cfg and model.default_cfg is cfg
+    cfg["crop_pct"] = 1.0
+    cfg["mean"] = (0.25, 0.25, 0.25)
+    assert model.pretrained_cfg["crop_pct"] == 1.0
+    model.float().save_pretrained(tmp_path)
+    loaded = create_model("mambamlp_tiny", pretrained=tmp_path).pretrained_cfg
+    assert loaded["crop_pct"] == 1.0 and loaded["mean"] == (0.25, 0.25, 0.25)
 
 
 def saved_bytes(model, run) -> tuple[object, int]:

@@ -1,4 +1,4 @@
-"""The ``starmamba`` command: pretrain, finetune, evaluate, export, list-models, demo, ablate."""
+"""The ``starmamba`` command: pretrain, finetune, evaluate, export, predict, list-models, demo, ablate."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ commands:
   pretrain      autoregressive pretraining (STAR by default; ARM with --preset arm_base_in1k)
   finetune      finetune a 4-scan MambaMLP classifier, from scratch or from --finetune CHECKPOINT
   evaluate      top-1 / top-5 of a classifier checkpoint (ours, or ARM's .pth)
-  export        a run's weights as a Hugging Face Hub folder with a model card (from_pretrained)
+  export        a run's weights as a Hugging Face Hub folder with a model card (from_pretrained), --onnx
+  predict       top-k classes of your images, by name, from a finetuning run or a Hub folder
   list-models   the model presets
   demo          the whole story on Fashion-MNIST in minutes: STAR vs ARM vs from scratch
   ablate        rerun one of the paper's ablation tables (1-5) at an affordable scale
@@ -105,6 +106,12 @@ def cmd_export(argv: list[str]) -> None:
     run_export(tyro.cli(ExportConfig, args=argv, prog="starmamba export", use_underscores=True))
 
 
+def cmd_predict(argv: list[str]) -> None:
+    from starmamba.train.predict import PredictConfig, run_predict
+
+    run_predict(tyro.cli(PredictConfig, args=argv, prog="starmamba predict", use_underscores=True))
+
+
 def cmd_list_models(argv: list[str]) -> None:
     argparse.ArgumentParser(
         prog="starmamba list-models",
@@ -131,6 +138,7 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "finetune": cmd_finetune,
     "evaluate": cmd_evaluate,
     "export": cmd_export,
+    "predict": cmd_predict,
     "list-models": cmd_list_models,
     "demo": cmd_demo,
     "ablate": cmd_ablate,

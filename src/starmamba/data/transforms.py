@@ -171,8 +171,20 @@ class FinetuneTransform:
         return self.erasing(x, rng) if self.erasing is not None else x
 
 
+INTERPOLATIONS = {
+    "bicubic": BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+"""timm's interpolation names and Pillow's filters."""
+
+
 class EvalTransform:
-    """Resize (bicubic) so that a centre crop of ``size`` keeps ``crop_pct`` of it, crop, normalise.
+    """Resize (bicubic, or ``interpolation``) so that a centre crop of ``size`` keeps ``crop_pct`` of it,
+    crop, normalise.
 
     ``resize="shorter"`` makes the shorter side int(size / crop_pct), keeping the aspect (timm,
     torchvision); ``resize="square"`` makes the whole image that square, aspect not kept (ARM:
@@ -186,12 +198,16 @@ class EvalTransform:
         std: Sequence[float],
         crop_pct: float = 0.875,
         resize: Literal["shorter", "square"] = "shorter",
+        interpolation: str = "bicubic",
     ) -> None:
         if not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
         if resize not in ("shorter", "square"):
             raise ValueError(f"resize must be 'shorter' or 'square', got {resize!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={interpolation!r} is not one of {', '.join(INTERPOLATIONS)}")
         self.size, self.mean, self.std, self.resize = size, tuple(mean), tuple(std), resize
+        self.filter = INTERPOLATIONS[interpolation]
         self.resize_to = int(size / crop_pct)
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> Tensor:
@@ -204,7 +220,7 @@ class EvalTransform:
             w, h = self.resize_to, int(self.resize_to * h / w)
         else:
             w, h = int(self.resize_to * w / h), self.resize_to
-        img = img.resize((w, h), BICUBIC)
+        img = img.resize((w, h), self.filter)
         top, left = round((h - self.size) / 2), round((w - self.size) / 2)
         return to_tensor(img.crop((left, top, left + self.size, top + self.size)), self.mean, self.std)
 

@@ -22,6 +22,8 @@ from starmamba.models.pos_embed import sincos_2d
 from starmamba.models.registry import register
 
 ClassToken = Literal["tail", "middle", "none"]
+GlobalPool = Literal["avg", "token", ""]
+"""timm's readouts: the mean of the patch tokens, the class token, or every token (no pooling)."""
 
 
 @dataclass
@@ -78,11 +80,20 @@ class ClassifierConfig(BackboneConfig):
     """where the class token sits: after the last patch (STAR), in the middle (Vim/ARM), or nowhere"""
     global_pool: bool = True
     """the readout: the mean of the patch tokens (ARM's finetuning recipe, --global_pool there), or with
-    --no_global_pool the class token (with 4 scans a tail token hears nothing from the backward scans)"""
+    --no_global_pool the class token (with 4 scans a tail token hears nothing from the backward scans);
+    timm's names 'avg' and 'token' are taken for True and False"""
     head_init_std: float = 2e-5
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.global_pool, str) and self.global_pool in ("avg", "token"):
+            self.global_pool = self.global_pool == "avg"
+        if not isinstance(self.global_pool, bool):
+            raise ValueError(
+                f"global_pool={self.global_pool!r} is not one of True / 'avg' (the mean of the patch tokens), "
+                "False / 'token' (the class token); no pooling ('') is set on a model: "
+                "create_model(..., global_pool='') or model.reset_classifier(n, '')"
+            )
         check_choice("scans", self.scans, Literal[1, 4])
         check_choice("cls_token", self.cls_token, ClassToken)
         check_positive("num_classes", self.num_classes, allow_zero=True)
@@ -244,8 +255,9 @@ class MambaMLPClassifier(AroundEncoder):
     """MambaMLP image classifier: (B, C, H, W) -> logits (B, num_classes).
 
     The class token goes after the last patch ("tail", STAR's choice), in the middle ("middle",
-    Vim/ARM), or nowhere ("none"); the readout is that token, or with ``global_pool`` the mean of
-    the patch tokens.
+    Vim/ARM), or nowhere ("none"). The readout, ``global_pool`` in timm's names, is the mean of the
+    patch tokens ('avg', the config's ``global_pool=True``), the class token ('token'), or no
+    pooling ('', set by ``create_model`` or ``reset_classifier``): the head then classifies every token.
     """
 
     embeddings = ("cls_token",)
@@ -261,6 +273,7 @@ class MambaMLPClassifier(AroundEncoder):
             nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = self._new_head()
+        self.global_pool: GlobalPool = "avg" if cfg.global_pool else "token"
         orders = scan_orders(cfg.grid, cfg.grid, self.cls_index) if cfg.scans == 4 else None
         self.register_buffer("scan_orders", orders, persistent=False)
 
@@ -287,16 +300,16 @@ class MambaMLPClassifier(AroundEncoder):
         return self.norm(x)
 
     def pool(self, x: Tensor) -> Tensor:
-        """The readout the config names: tokens (B, L, dim) -> (B, dim)."""
-        if self.cfg.global_pool:
-            if self.cls_index is None:
-                return x.mean(dim=1)
-            return torch.cat([x[:, : self.cls_index], x[:, self.cls_index + 1 :]], dim=1).mean(dim=1)
-        return x[:, self.cls_index]
+        """The readout ``global_pool`` names: tokens (B, L, dim) -> (B, dim), or with no pooling the tokens."""
+        if self.global_pool == "avg":
+            return self.patch_tokens(x).mean(dim=1)
+        if self.global_pool == "token":
+            return x[:, self.cls_index]
+        return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """Tokens from ``forward_features`` (B, L, dim) -> logits (B, num_classes), or with ``pre_logits``
-        the pooled features (B, dim)."""
+        the pooled features (B, dim); with no pooling, per token: (B, L, num_classes) or (B, L, dim)."""
         x = self.pool(x)
         return x if pre_logits else self.head(x)
 
@@ -315,12 +328,20 @@ class MambaMLPClassifier(AroundEncoder):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: bool | str | None = None) -> None:
-        """A fresh head for ``num_classes`` (0: none, ``forward`` gives pooled features); ``global_pool``,
-        when given, replaces the config's readout. The config is updated (and validated) to match."""
-        changes = {"num_classes": num_classes} | ({} if global_pool is None else {"global_pool": global_pool})
+    def reset_classifier(self, num_classes: int, global_pool: GlobalPool | None = None) -> None:
+        """A fresh head for ``num_classes`` (0: none, ``forward`` gives pooled features), as timm's:
+        ``global_pool`` 'avg', 'token' or '' (no pooling) replaces the readout, None keeps it. The config
+        (and the ``pretrained_cfg``'s class count) follow; a class count that changes drops its label names."""
+        changes = {"num_classes": num_classes}
+        if global_pool is not None:
+            check_choice("global_pool", global_pool, GlobalPool)
+            if global_pool:
+                changes["global_pool"] = global_pool == "avg"
         self.cfg = dataclasses.replace(self.cfg, **changes)
+        if global_pool is not None:
+            self.global_pool = global_pool
         self.head = self._new_head().to(self.encoder.patch_embed.proj.weight)
+        self.classes_changed()
 
     def patch_tokens(self, x: Tensor) -> Tensor:
         """(B, L, dim) tokens -> (B, grid*grid, dim): the class token removed, patches row-major."""

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import nn
 
+from starmamba.models.pos_embed import resize_pos_embed
 from starmamba.models.registry import (
     MODEL_CLASSES,
     build_model,
@@ -73,9 +75,17 @@ class HubMixin(
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:
-        """timm's pretrained config: the data config (input size, mean/std, crop_pct, interpolation,
-        crop_mode) of these weights and the model's ``architecture``, ``num_classes``, first conv, head."""
-        stored = self.__dict__.get("_pretrained_cfg", {})
+        """timm's pretrained config, a plain dict that keeps edits made to it (``save_pretrained`` writes it):
+        the data config of these weights (input size, mean/std, crop_pct, crop_mode, interpolation), the
+        ``architecture``, ``num_classes`` and ``label_names`` of a classifier, its first conv and head."""
+        if "_pretrained_cfg" not in self.__dict__:
+            self.pretrained_cfg = {}
+        return self.__dict__["_pretrained_cfg"]
+
+    @pretrained_cfg.setter
+    def pretrained_cfg(self, values: dict[str, Any]) -> None:
+        """Replace the pretrained config by ``values``, completed with what follows from the model (input size,
+        classes, layer names) and the defaults (ImageNet's mean and std) for the keys it leaves out."""
         derived = {
             "input_size": (self.cfg.in_chans, self.cfg.img_size, self.cfg.img_size),
             "fixed_input_size": True,
@@ -83,14 +93,17 @@ class HubMixin(
         }
         if hasattr(self, "head"):
             derived |= {"num_classes": self.cfg.num_classes, "classifier": "head"}
-        return {"architecture": model_name(self.cfg), **PRETRAINED_DEFAULTS, **stored, **derived}
-
-    @pretrained_cfg.setter
-    def pretrained_cfg(self, values: dict[str, Any]) -> None:
-        """Record what describes the weights (``architecture``, ``mean``, ``std``, ``crop_pct`` ...); the
-        keys that follow from the model itself (input size, classes) always come from its config."""
         # JSON gives lists where timm's configs hold tuples.
-        self.__dict__["_pretrained_cfg"] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        self.__dict__["_pretrained_cfg"] = {"architecture": model_name(self.cfg), **PRETRAINED_DEFAULTS, **derived,
+                                            **given}  # fmt: skip
+
+    def classes_changed(self) -> None:
+        """Keep the pretrained config's ``num_classes`` that of the head; names of other classes are dropped."""
+        cfg = self.pretrained_cfg
+        if cfg.get("num_classes") != self.cfg.num_classes:
+            cfg["num_classes"] = self.cfg.num_classes
+            cfg.pop("label_names", None)
 
     @property
     def default_cfg(self) -> dict[str, Any]:
@@ -99,7 +112,7 @@ class HubMixin(
 
     def hub_config(self) -> dict[str, Any]:
         """What ``config.json`` holds (see the module docstring)."""
-        pretrained = self.pretrained_cfg
+        pretrained = dict(self.pretrained_cfg)
         return {
             "architecture": pretrained.pop("architecture"),
             "model_args": asdict(self.cfg),
@@ -155,18 +168,30 @@ class HubMixin(
         model = build_model(model_cfg)
         weights = _hub_weights_file(model_id, revision, cache_dir, force_download, local_files_only, token)
         try:
-            with safe_open(weights, "pt") as file:
-                shapes = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
+            state = load_file(weights, device=str(map_location))
         except (SafetensorError, OSError) as error:
             raise ValueError(f"cannot read {weights} (truncated or not safetensors?): {error}") from error
-        problems = misfits(shapes, model)
+        _fit_pos_embed(state, model)
+        problems = misfits({key: tuple(value.shape) for key, value in state.items()}, model)
         if problems:
             raise ValueError(f"the weights in {weights} do not fit {held} as {where} describes it; {problems}")
-        load_model(model, weights, strict=True, device=str(map_location))
-        model.pretrained_cfg = {**config.get("pretrained_cfg", {}), "architecture": held}
+        model.load_state_dict(state, strict=True)
+        # What follows from the model (input size, classes) comes from it, not from the folder.
+        stored = {k: v for k, v in config.get("pretrained_cfg", {}).items() if k not in ("input_size", "num_classes")}
+        model.pretrained_cfg = {**stored, "architecture": held}
         if num_classes is not None and num_classes != model.cfg.num_classes:
             model.reset_classifier(num_classes)
         return model.eval()
+
+
+def _fit_pos_embed(state: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Bring a saved patch-grid position embedding to the model's grid, as timm does for another ``img_size``:
+    a learned one is resampled bicubically, a fixed sin-cos one is the model's own (exact on any grid)."""
+    saved, own = state.get("encoder.pos_embed"), model.encoder.pos_embed
+    if saved is None or saved.dim() != 3 or saved.shape[2] != own.shape[2] or saved.shape[1] == own.shape[1]:
+        return  # nothing to fit, or a misfit that misfits names
+    grid = model.cfg.grid
+    state["encoder.pos_embed"] = resize_pos_embed(saved, (grid, grid)) if isinstance(own, nn.Parameter) else own.clone()
 
 
 def _hub_weights_file(

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Callable
-from pathlib import Path
+import fnmatch
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
 from torch import nn
@@ -47,9 +47,23 @@ def family_of(config: ModelConfig) -> str:
     raise TypeError(f"{type(config).__name__} is not the config of a model family ({', '.join(FAMILIES)})")
 
 
-def list_models() -> list[str]:
-    """Every preset name, e.g. ``mambamlp_base`` or ``star_base``."""
-    return [f"{family}_{size}" for family in FAMILIES for size in get_args(Size)]
+def list_models(
+    filter: str | Sequence[str] = "", exclude_filters: str | Sequence[str] = "", pretrained: bool = False
+) -> list[str]:
+    """Preset names, e.g. ``mambamlp_base`` or ``star_base``, as timm's ``list_models``: those matching
+    ``filter`` (shell wildcards, e.g. ``"mambamlp_*"``; a list: any of them) and none of ``exclude_filters``.
+    ``pretrained=True`` lists the presets with published weights: none (see ``create_model``)."""
+    names = [f"{family}_{size}" for family in FAMILIES for size in get_args(Size)]
+    if pretrained:
+        return []
+
+    def matches(name: str, patterns: str | Sequence[str]) -> bool:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns if pattern)
+
+    if filter:
+        names = [name for name in names if matches(name, filter)]
+    return [name for name in names if not matches(name, exclude_filters)]
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -90,17 +104,3 @@ def saved_model_config(name: str, options: dict) -> ModelConfig:
 def build_model(config: ModelConfig) -> nn.Module:
     """The model a config describes."""
     return MODEL_CLASSES[family_of(config)](config)
-
-
-def create_model(name: str, pretrained: str | Path | None = None, **overrides) -> nn.Module:
-    """Build preset ``name`` with ``overrides``, e.g. ``create_model("star_base", images_per_sequence=4)``.
-
-    ``pretrained``: a folder from ``save_pretrained`` (or a Hub repo id) holding model ``name``; the
-    model is built from its config (with ``overrides``) and its weights, as ``from_pretrained`` does.
-    """
-    if pretrained is None:
-        model = build_model(model_config(name, **overrides))
-        model.pretrained_cfg = {"architecture": name}
-        return model
-    family, _ = split_name(name)
-    return MODEL_CLASSES[family].from_pretrained(pretrained, architecture=name, **overrides)

@@ -224,6 +224,9 @@ class FinetuneConfig(RunConfig):
     labels_per_class: int | None = None
     """low-label finetuning: train on a balanced subset of N labelled images per class, drawn with --seed
     from the (--limit_train) training set; the rest is unused (None: every image)"""
+    label_names: tuple[str, ...] = ()
+    """the class names, class by class, kept with the run and its export (timm's label_names) for
+    `starmamba predict`; empty: the data set's own (its class folders, Fashion-MNIST's names)"""
 
     def __post_init__(self) -> None:
         super().__post_init__()

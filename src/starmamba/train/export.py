@@ -1,25 +1,36 @@
-"""``starmamba export``: a training run's final weights as a Hub folder (``from_pretrained``) with a model card."""
+"""``starmamba export``: a training run's final weights as a Hub folder (``from_pretrained``) with a model card,
+and a classifier as ONNX."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
+import torch
 import tyro
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
-from starmamba.data import build_dataset
 from starmamba.models.loading import model_from_weights
 from starmamba.models.registry import split_name
 from starmamba.models.weights import load_weights
+from starmamba.ops import BACKEND_ENV
 from starmamba.train.metrics import read_metrics
+from starmamba.train.predict import run_data_config
 
 PAPER = "Separators in Enhancing Autoregressive Pretraining for Vision Mamba"
 PAPER_URL = "https://arxiv.org/abs/2603.03806"
+ONNX_OPSET = 17
+ONNX_ATOL = 1e-3
+"""The largest difference of logits between onnxruntime and PyTorch that an export accepts."""
 
 
 @dataclass
@@ -32,6 +43,9 @@ class ExportConfig:
     """the Hub folder to write; it must not exist or be empty"""
     ema: bool = False
     """export the run's EMA weights (ema.safetensors) instead of its model's"""
+    onnx: bool = False
+    """also write model.onnx (a finetuning run's classifier: images -> logits, any batch size), checked with
+    onnxruntime against PyTorch's logits (needs the onnx extra: pip install 'starmamba[onnx]')"""
 
 
 @dataclass(frozen=True)
@@ -78,28 +92,10 @@ def read_run(run_dir: str | Path, ema: bool) -> Run:
 
 def run_model(run: Run) -> nn.Module:
     """The run's model with the chosen weights, its pretrained config set from the run (data statistics,
-    evaluation crop)."""
+    evaluation crop, class names)."""
     model, _ = model_from_weights(run.weights)
-    pretrained = {"architecture": run.name} | data_statistics(run.job_config.get("data_path", ""))
-    if "crop_pct" in run.job_config:
-        pretrained["crop_pct"] = run.job_config["crop_pct"]
-    model.pretrained_cfg = pretrained
+    model.pretrained_cfg = {"architecture": run.name} | run_data_config(run.job_config, run.job == "finetuning")
     return model.eval()
-
-
-def data_statistics(data_path: str) -> dict[str, Any]:
-    """The normalisation the run trained with ({'mean', 'std'}), read from its data set; {} (ImageNet's
-    statistics, the Hub folders' default) with a warning when the data set cannot be read here."""
-    try:
-        info = build_dataset(data_path, "val", limit=1, labels=False).info
-    except (OSError, ValueError) as error:
-        warnings.warn(
-            f"the run's data set {data_path!r} cannot be read here ({error}); "
-            "the exported folder gives ImageNet's mean and std",
-            stacklevel=2,
-        )
-        return {}
-    return {"mean": tuple(info.mean), "std": tuple(info.std)}
 
 
 def results(run: Run) -> dict[str, float]:
@@ -173,6 +169,11 @@ def model_card(run: Run, model: nn.Module, out_dir: str, ema: bool) -> ModelCard
         f"Inputs: {cfg['input_size'][1]} px images normalised with mean {list(cfg['mean'])} and std "
         f"{list(cfg['std'])} (`model.pretrained_cfg`).",
         "",
+        *(
+            [f"Classify your images from the command line: `starmamba predict {out_dir} IMAGE_OR_FOLDER ...`.", ""]
+            if classifier
+            else []
+        ),
         "## How it was trained",
         "",
         f"The run's `config.json`; `starmamba {'finetune' if classifier else 'pretrain'} --config` with this "
@@ -185,21 +186,88 @@ def model_card(run: Run, model: nn.Module, out_dir: str, ema: bool) -> ModelCard
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, ema: bool = False) -> Path:
-    """Write the run's (or its EMA's) weights to ``out_dir`` as a ``from_pretrained`` folder with a model card."""
+def onnx_modules() -> tuple[Any, Any]:
+    """The ``onnx`` and ``onnxruntime`` modules, or a ValueError saying how to install them."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise ValueError(f"--onnx needs onnx and onnxruntime ({error}): pip install 'starmamba[onnx]'") from None
+    return onnx, onnxruntime
+
+
+@contextlib.contextmanager
+def scan_backend(name: str) -> Iterator[None]:
+    """Run every selective scan inside with backend ``name`` (through $STARMAMBA_SCAN_BACKEND, read at each scan)."""
+    before = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[BACKEND_ENV]
+        else:
+            os.environ[BACKEND_ENV] = before
+
+
+def export_onnx(model: nn.Module, path: str | Path, atol: float = ONNX_ATOL) -> float:
+    """Write a classifier to ``path`` as ONNX, ``images`` (batch, C, H, W) -> ``logits`` (batch, classes) with a
+    dynamic batch, and check it: onnxruntime's logits of a batch of another size against PyTorch's. Returns
+    their largest difference; over ``atol`` the file is removed and a ValueError raised."""
+    onnx, onnxruntime = onnx_modules()
+    path = Path(path)
+    model = model.eval().cpu()
+    channels, height, width = model.pretrained_cfg["input_size"]
+    generator = torch.Generator().manual_seed(0)
+    traced, checked = (torch.randn(n, channels, height, width, generator=generator) for n in (2, 3))
+    # The reference scan is plain tensor ops, which the tracer records step by step: the numba kernel is
+    # opaque to it, the chunked scan's in-place buffers break the TorchScript exporter, and torch's dynamo
+    # exporter took 45 s where this one takes 4 for a two-block model. The tracer's warnings are about
+    # shape checks that hold for every batch size.
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    with torch.no_grad(), scan_backend("reference"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model, (traced,), str(path), input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET, **legacy,
+        )  # fmt: skip
+    onnx.checker.check_model(str(path))
+    with torch.no_grad():
+        expected = model(checked).numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": checked.numpy()})
+    difference = float(np.abs(logits - expected).max())
+    if not difference <= atol:
+        path.unlink()
+        raise ValueError(f"the ONNX model's logits differ from PyTorch's by {difference:.3g} (> {atol:g}); not written")
+    return difference
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, ema: bool = False, onnx: bool = False) -> Path:
+    """Write the run's (or its EMA's) weights to ``out_dir`` as a ``from_pretrained`` folder with a model card,
+    and with ``onnx`` the classifier as ``model.onnx`` (see :func:`export_onnx`)."""
     run = read_run(run_dir, ema)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out_dir} already exists and is not an empty folder; choose another OUT_DIR")
+    if onnx:
+        if run.job != "finetuning":
+            raise ValueError(f"--onnx exports classifiers; {run_dir} is a pretraining run (finetune it first)")
+        onnx_modules()
     model = run_model(run)
     model.save_pretrained(out)
     model_card(run, model, str(out_dir), ema).save(out / "README.md")
+    if onnx:
+        export_onnx(model, out / "model.onnx")
     return out
 
 
 def run_export(cfg: ExportConfig) -> Path:
     """The ``starmamba export`` command."""
-    out = export_run(cfg.run_dir, cfg.out_dir, cfg.ema)
+    out = export_run(cfg.run_dir, cfg.out_dir, cfg.ema, cfg.onnx)
     name = json.loads((out / "config.json").read_text(encoding="utf-8"))["architecture"]
     print(f"wrote {out}: load it with starmamba.create_model({name!r}, pretrained={str(out)!r})")
+    if cfg.onnx:
+        print(f"and {out / 'model.onnx'}, checked with onnxruntime against PyTorch's logits")
     return out

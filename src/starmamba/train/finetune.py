@@ -67,6 +67,12 @@ class FinetuneTask:
             if processes.is_main:
                 print(f"num_classes {info.num_classes} (the classes of {cfg.data_path}), not {cfg.arch.num_classes}")
             cfg = dataclasses.replace(cfg, arch=dataclasses.replace(cfg.arch, num_classes=info.num_classes))
+        if cfg.label_names and len(cfg.label_names) != info.num_classes:
+            raise ValueError(
+                f"--label_names names {len(cfg.label_names)} classes, {cfg.data_path} has {info.num_classes}; "
+                "leave it out to keep the data set's names"
+            )
+        cfg = dataclasses.replace(cfg, label_names=tuple(cfg.label_names or info.classes))
         self.cfg, self.processes, self.results = cfg, processes, {}
         train_transform = FinetuneTransform(
             cfg.arch.img_size, info.mean, info.std, scale=(cfg.min_crop_scale, 1.0), rand_augment=cfg.aa,
