@@ -149,18 +149,64 @@ def selective_scan(
     return (y, last_state) if return_last_state else y
 
 
+def selective_scan_tokens(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """:func:`selective_scan` on token-major tensors in groups of channels, as the 4-scan mixer holds them.
+
+    Shapes: u, delta (b, g, l, d), channel g d + j at [:, g, :, j]; B, C (b, g, l, n), one per group;
+    A (g d, n); D, delta_bias (g d,). Returns y (b, g, l, d) in u's dtype. The numba kernel reads
+    and writes this layout as it is; the other backends get (b, g d, l) copies.
+    """
+    batch, groups, length, dim = u.shape
+    if delta.shape != u.shape or B.shape[:3] != (batch, groups, length) or C.shape != B.shape:
+        raise ValueError(f"u, delta (b, g, l, d) and B, C (b, g, l, n) disagree: {tuple(u.shape)}, "
+                         f"{tuple(delta.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")  # fmt: skip
+    name = resolve_backend(backend, u.device, u.dtype)
+    if name != "numba":
+        y = selective_scan(*(t.permute(0, 1, 3, 2).flatten(1, 2) for t in (u, delta)), A, B.transpose(2, 3),
+                           C.transpose(2, 3), D, None, delta_bias, delta_softplus, backend=name)  # fmt: skip
+        return y.unflatten(1, (groups, dim)).transpose(2, 3)
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    u_c, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B.transpose(2, 3), C.transpose(2, 3)))
+    D, delta_bias = (None if t is None else t.to(dtype) for t in (D, delta_bias))
+    y, _ = _kernel_module("numba")[0].scan_numba_grouped(u_c, delta, A, B, C, D, None, delta_bias, delta_softplus)
+    return y.to(u.dtype)
+
+
 def warm_up(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> str:
     """Compile the default backend's kernels for ``device`` (default: CUDA if there is one, else the CPU)
-    and ``dtype`` with one tiny forward + backward (a JIT's first call costs seconds); returns the
-    backend's name. Timed comparisons call it first, so that no run timed pays for the compilation."""
+    and ``dtype`` with tiny forward + backward passes in the layouts the models use (a JIT's first
+    call costs seconds); returns the backend's name. Timed comparisons call it first, so that no run
+    timed pays for the compilation."""
+    from starmamba.ops.conv import conv_silu  # conv imports this module
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator = torch.Generator().manual_seed(0)
-    u, delta, z = (torch.randn(1, 2, 3, generator=generator, dtype=dtype).to(device) for _ in range(3))
-    B, C = (torch.randn(1, 1, 4, 3, generator=generator, dtype=dtype).to(device) for _ in range(2))
-    A = -torch.ones(2, 4, dtype=dtype, device=device)
-    D, bias = torch.ones(2, dtype=dtype, device=device), torch.zeros(2, dtype=dtype, device=device)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=dtype).to(device)
+
+    # Two of everything: numba compiles again for an array that a dimension of size 1 makes contiguous.
+    u, delta, z = randn(2, 4, 3), randn(2, 4, 3), randn(2, 4, 3)
+    A, D, bias = -torch.ones(4, 4, dtype=dtype, device=device), torch.ones(4, dtype=dtype, device=device), randn(4)
     u.requires_grad_()
-    selective_scan(u, delta, A, B, C, D, z, bias, True).sum().backward()
+    selective_scan(u, delta, A, randn(2, 2, 4, 3), randn(2, 2, 4, 3), D, z, bias, True).sum().backward()
+    # The mixer's path: the convolution through two orders, then the token-major scan of both.
+    x = randn(2, 3, 2).requires_grad_()
+    orders = torch.tensor([[0, 1, 2], [2, 1, 0]], device=device)
+    tokens = conv_silu(x, orders, randn(2, 2, 4), randn(2, 2))
+    dt, B, C = torch.matmul(tokens, randn(2, 2, 9)).split([1, 4, 4], dim=-1)
+    y = selective_scan_tokens(tokens, torch.matmul(dt, randn(2, 1, 2)), A, B, C, D, bias, True)
+    y.backward(torch.ones_like(y))
     return resolve_backend(None, device, dtype)
 
 
