@@ -140,3 +140,17 @@ def test_mixer_in_inference_mode_matches_its_training_forward(scans):
     with_graph = mixer(x, orders)
     with torch.inference_mode():
         torch.testing.assert_close(mixer(x, orders), with_graph.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["numba", "chunked"])
+def test_mixer_under_bf16_autocast_keeps_a_float32_scan(monkeypatch, backend):
+    monkeypatch.setenv("STARMAMBA_SCAN_BACKEND", backend)
+    torch.manual_seed(2)
+    mixer = MambaMixer(16, scans=4, expand=2, d_state=8)
+    orders = scan_orders(3, 5, 15)
+    x = torch.randn(2, 16, 16)
+    full = mixer(x, orders)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = mixer(x, orders)
+    assert half.dtype == torch.bfloat16
+    assert ((half.float() - full).norm() / full.norm()).item() < 3e-2
