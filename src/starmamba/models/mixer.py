@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from starmamba.ops import selective_scan
+from starmamba.ops.conv import conv_silu
+from starmamba.ops.scan import selective_scan_tokens
 
 
 class ScanDirection(nn.Module):
@@ -47,7 +48,8 @@ class MambaMixer(nn.Module):
     ``forward`` takes (b, l, dim) and, with more than one scan, ``orders`` (scans - 1, 2, l): the
     order and inverse order of every direction after the first, which runs in sequence order. The
     directions' outputs are put back in sequence order, averaged, gated and projected: ARM's "v3"
-    mixer when there are four. All directions run as one selective scan over their stacked
+    mixer when there are four. All directions run as one convolution that reads the tokens through
+    each order, one x_proj and one dt_proj matmul, and one selective scan over their stacked
     channels (B and C grouped per direction), which costs a CPU one sequential pass, not four.
     """
 
@@ -68,33 +70,33 @@ class MambaMixer(nn.Module):
         if scans > 1 and (orders is None or orders.shape != (scans - 1, 2, length)):
             raise ValueError(f"a {scans}-scan mixer needs orders of shape ({scans - 1}, 2, {length})")
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        # Gather along the sequence of (b, l, d) tensors: whole rows, much faster than along the last dim.
-        ordered = [x] + [x.index_select(1, order) for order in (orders[:, 0] if scans > 1 else ())]
-        u = torch.cat(ordered, dim=-1).transpose(1, 2)  # (b, scans * d, l), direction-major channels
-        conv = self._stacked("conv1d.weight").flatten(0, 1)
-        u = F.silu(F.conv1d(u, conv, self._stacked("conv1d.bias").flatten(), padding=conv.shape[-1] - 1,
-                            groups=u.shape[1])[..., :length])  # fmt: skip
-        u_dir = u.view(u.shape[0], scans, self.d_inner, length)
-        x_dbl = torch.einsum("bkdl,ked->bkle", u_dir, self._stacked("x_proj.weight"))
-        dt_rank = self.directions[0].dt_rank
-        dt, B, C = x_dbl.split([dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = torch.einsum("bklr,kdr->bkdl", dt, self._stacked("dt_proj.weight")).flatten(1, 2)
-        y = selective_scan(
+        forward_order = torch.arange(length, device=x.device)[None]
+        every_order = torch.cat([forward_order, orders[:, 0]]) if scans > 1 else forward_order  # (scans, l)
+        # Every direction reads the tokens through its order; the outputs stay token-major (b, scans, l, d)
+        # in each direction's order, the layout the scan kernel takes as it is.
+        u = conv_silu(x, every_order, self._stacked("conv1d.weight").squeeze(2), self._stacked("conv1d.bias"))
+        x_dbl = torch.matmul(u, self._stacked("x_proj.weight").transpose(1, 2))  # every direction in one call
+        dt, B, C = x_dbl.split([self.directions[0].dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = torch.matmul(dt, self._stacked("dt_proj.weight").transpose(1, 2))
+        y = selective_scan_tokens(
             u,
             delta,
             -torch.exp(self._stacked("A_log").float()).flatten(0, 1),
-            B.transpose(2, 3),
-            C.transpose(2, 3),
+            B,
+            C,
             D=self._stacked("D").float().flatten(),
             delta_bias=self._stacked("dt_proj.bias").float().flatten(),
             delta_softplus=True,
         )
-        y = y.transpose(1, 2).view(y.shape[0], length, scans, self.d_inner)  # (b, l, scans, d)
-        out = y[:, :, 0]
-        for k in range(1, scans):
-            out = out + y[:, :, k].index_select(1, orders[k - 1, 1])
-        out = out / scans
-        return self.out_proj(out * F.silu(z))
+        if scans == 1:
+            out = y[:, 0]
+        else:
+            # Back to sequence order, all directions in one gather: token p of direction k is at
+            # k * l + inverse_k[p] of the flattened directions.
+            offsets = torch.arange(0, scans * length, length, device=x.device)[:, None]
+            inverse = torch.cat([forward_order, orders[:, 1]]) + offsets
+            out = y.flatten(1, 2).index_select(1, inverse.flatten()).unflatten(1, (scans, length)).mean(1)
+        return self.out_proj(out.to(z.dtype) * F.silu(z))
 
 
 def scan_orders(rows: int, cols: int, cls_index: int | None) -> Tensor:

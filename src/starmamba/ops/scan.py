@@ -151,30 +151,37 @@ def selective_scan(
     return (y, last_state) if return_last_state else y
 
 
-def run_dtype(device: torch.device) -> torch.dtype:
-    """The dtype a training step feeds the scan on ``device``: bfloat16 on CUDA, where training runs under
-    bf16 autocast, float32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def selective_scan_tokens(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """:func:`selective_scan` on token-major tensors in groups of channels, as the 4-scan mixer holds them.
 
-
-def warm_up(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
-    """Compile the default backend's kernels for ``device`` (default: CUDA if there is one, else the CPU)
-    and ``dtype`` (default: :func:`run_dtype`, what training feeds it) with one tiny forward + backward and
-    one forward without gradients (evaluation's), since a JIT's first call costs seconds; returns the
-    backend's name. Timed comparisons call it first, so that no run timed pays for the compilation."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or run_dtype(device)
-    generator = torch.Generator().manual_seed(0)
-    u, delta, z = (torch.randn(1, 2, 3, generator=generator).to(device, dtype) for _ in range(3))
-    B, C = (torch.randn(1, 1, 4, 3, generator=generator).to(device, dtype) for _ in range(2))
-    # A, D and the step's bias stay float32, as models keep them.
-    A = -torch.ones(2, 4, device=device)
-    D, bias = torch.ones(2, device=device), torch.zeros(2, device=device)
-    with torch.no_grad():
-        selective_scan(u, delta, A, B, C, D, z, bias, True)
-    u.requires_grad_()
-    selective_scan(u, delta, A, B, C, D, z, bias, True).float().sum().backward()
-    return resolve_backend(None, device, dtype)
+    Shapes: u, delta (b, g, l, d), channel g d + j at [:, g, :, j]; B, C (b, g, l, n), one per group;
+    A (g d, n); D, delta_bias (g d,). Returns y (b, g, l, d) in u's dtype. The numba kernel reads
+    and writes this layout as it is; the other backends get (b, g d, l) copies.
+    """
+    batch, groups, length, dim = u.shape
+    if delta.shape != u.shape or B.shape[:3] != (batch, groups, length) or C.shape != B.shape:
+        raise ValueError(f"u, delta (b, g, l, d) and B, C (b, g, l, n) disagree: {tuple(u.shape)}, "
+                         f"{tuple(delta.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")  # fmt: skip
+    name = resolve_backend(backend, u.device, u.dtype)
+    if name != "numba":
+        y = selective_scan(*(t.permute(0, 1, 3, 2).flatten(1, 2) for t in (u, delta)), A, B.transpose(2, 3),
+                           C.transpose(2, 3), D, None, delta_bias, delta_softplus, backend=name)  # fmt: skip
+        return y.unflatten(1, (groups, dim)).transpose(2, 3)
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    u_c, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B.transpose(2, 3), C.transpose(2, 3)))
+    D, delta_bias = (None if t is None else t.to(dtype) for t in (D, delta_bias))
+    y, _ = _kernel_module("numba")[0].scan_numba_grouped(u_c, delta, A, B, C, D, None, delta_bias, delta_softplus)
+    return y.to(u.dtype)
 
 
 def _grouped(B: Tensor, C: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
