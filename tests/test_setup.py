@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_readme_says_how_to_set_up_once_before_the_use_section():
     readme = (ROOT / "README.md").read_text()
-    use = readme.index("\n## Use")
+    use = readme.index("\n## Quickstart")
     for step in ("    scripts/bootstrap\n", "    source .venv/bin/activate\n"):
         assert -1 < readme.find(step) < use, step
     assert readme.index("scripts/bootstrap") < readme.index("source .venv/bin/activate")
