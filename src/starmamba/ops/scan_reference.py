@@ -12,15 +12,18 @@ def scan_reference(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tu
     Shapes: u, dt (b, d, l); A (d, n); B, C (b, g, n, l) with g dividing d.
     Returns y (b, d, l) and the last state h_{l-1} (b, d, n). Autograd differentiates it as written.
     """
-    batch, dim, _ = u.shape
+    dim = u.shape[1]
     groups = B.shape[1]
     A_g = A.view(groups, dim // groups, -1)
-    h = u.new_zeros(batch, groups, dim // groups, A.shape[1])
+    # The state starts at zero, so the first step is its input alone (no zeros of a batch size).
+    h = None
     ys = []
     steps = zip(u.unbind(-1), dt.unbind(-1), B.unbind(-1), C.unbind(-1), strict=True)
     for u_t, dt_t, B_t, C_t in steps:
-        dt_t = dt_t.view(batch, groups, -1, 1)
-        u_t = u_t.view(batch, groups, -1, 1)
-        h = torch.exp(dt_t * A_g) * h + (dt_t * u_t) * B_t.unsqueeze(2)
-        ys.append((h * C_t.unsqueeze(2)).sum(-1).reshape(batch, dim))
-    return torch.stack(ys, dim=-1), h.reshape(batch, dim, -1)
+        # -1 for the batch, never its size: an ONNX trace would keep a size as a constant.
+        dt_t = dt_t.view(-1, groups, dim // groups, 1)
+        u_t = u_t.view(-1, groups, dim // groups, 1)
+        step = (dt_t * u_t) * B_t.unsqueeze(2)
+        h = step if h is None else torch.exp(dt_t * A_g) * h + step
+        ys.append((h * C_t.unsqueeze(2)).sum(-1).flatten(1))
+    return torch.stack(ys, dim=-1), h.flatten(1, 2)
