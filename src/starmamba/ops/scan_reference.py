@@ -15,7 +15,7 @@ def scan_reference(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tu
     dim = u.shape[1]
     groups = B.shape[1]
     A_g = A.view(groups, dim // groups, -1)
-    # The state starts at zero, so the first step is its input alone (no zeros of a batch size).
+    # The state starts at zero: the first step multiplies its decay by 0 (no zeros of a batch size).
     h = None
     ys = []
     steps = zip(u.unbind(-1), dt.unbind(-1), B.unbind(-1), C.unbind(-1), strict=True)
@@ -24,6 +24,6 @@ def scan_reference(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> tu
         dt_t = dt_t.view(-1, groups, dim // groups, 1)
         u_t = u_t.view(-1, groups, dim // groups, 1)
         step = (dt_t * u_t) * B_t.unsqueeze(2)
-        h = step if h is None else torch.exp(dt_t * A_g) * h + step
+        h = torch.exp(dt_t * A_g) * (0.0 if h is None else h) + step
         ys.append((h * C_t.unsqueeze(2)).sum(-1).flatten(1))
     return torch.stack(ys, dim=-1), h.flatten(1, 2)
