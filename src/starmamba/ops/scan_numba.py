@@ -12,6 +12,9 @@ Why numba and why this shape (measured on 2 cores, see ``benchmarks/scan.py``):
 - The loop over a block of channels is innermost and contiguous, so LLVM vectorises it; numba
   calls a scalar ``expf`` for ``math.exp``, so float32 uses an own exp (:func:`fast_exp`) that
   vectorises.
+- Arrays are indexed through slices taken per task or chunk (``row = src[b, g, t, j0 : j0 + nd]``,
+  then ``row[j]``), never as ``src[..., j0 + j]``: numba wraps negative indices around, and for an
+  index LLVM cannot prove non-negative that turns the vectorised loop into gathers (3x slower).
 - Threads: a kernel releases the GIL and the tasks (batch x channel blocks) are split over
   ``torch.get_num_threads()`` Python threads. That is torch's own budget (no oversubscription; a
   DataLoader worker, which torch sets to one thread, runs inline), and, unlike numba's OpenMP
@@ -133,40 +136,43 @@ def _task_channels(task, blocks_per_batch, blocks_per_group, dim_per_group, bloc
 @numba.njit(**_JIT)
 def _gather(src, b, g, j0, nd, t0, steps, dst):
     """dst[s, j] = src[b, g, t0 + s, j0 + j], in the loop order that reads src contiguously."""
+    block = src[b, g, t0 : t0 + steps, j0 : j0 + nd]
     if src.strides[3] <= src.strides[2]:
         for s in range(steps):
             for j in range(nd):
-                dst[s, j] = src[b, g, t0 + s, j0 + j]
+                dst[s, j] = block[s, j]
     else:
         for j in range(nd):
             for s in range(steps):
-                dst[s, j] = src[b, g, t0 + s, j0 + j]
+                dst[s, j] = block[s, j]
 
 
 @numba.njit(**_JIT)
 def _scatter(src, b, g, j0, nd, t0, steps, dst):
     """dst[b, g, t0 + s, j0 + j] = src[s, j], in the loop order that writes dst contiguously."""
+    block = dst[b, g, t0 : t0 + steps, j0 : j0 + nd]
     if dst.strides[3] <= dst.strides[2]:
         for s in range(steps):
             for j in range(nd):
-                dst[b, g, t0 + s, j0 + j] = src[s, j]
+                block[s, j] = src[s, j]
     else:
         for j in range(nd):
             for s in range(steps):
-                dst[b, g, t0 + s, j0 + j] = src[s, j]
+                block[s, j] = src[s, j]
 
 
 @numba.njit(**_JIT)
 def _gather_states(M, b, g, t0, steps, dst):
     """dst[s, n] = M[b, g, n, t0 + s] for B or C (b, g, n, l), in the loop order that reads M contiguously."""
+    block = M[b, g, :, t0 : t0 + steps]
     if M.strides[2] <= M.strides[3]:
         for s in range(steps):
             for n in range(M.shape[2]):
-                dst[s, n] = M[b, g, n, t0 + s]
+                dst[s, n] = block[n, s]
     else:
         for n in range(M.shape[2]):
             for s in range(steps):
-                dst[s, n] = M[b, g, n, t0 + s]
+                dst[s, n] = block[n, s]
 
 
 @numba.njit(**_JIT)
@@ -176,9 +182,10 @@ def _load_chunk(b, g, j0, c0, nd, t0, steps, u, delta, bias, softplus, B, C, ut,
     zero, one = ut.dtype.type(0), ut.dtype.type(1)
     _gather(u, b, g, j0, nd, t0, steps, ut)
     _gather(delta, b, g, j0, nd, t0, steps, dtt)
+    bias = bias[c0 : c0 + nd]
     for s in range(steps):
         for j in range(nd):
-            dtt[s, j] += bias[c0 + j]
+            dtt[s, j] += bias[j]
     if softplus:
         for s in range(steps):
             for j in range(nd):
@@ -239,6 +246,7 @@ def _forward(lo, hi, chunks, block, keep, u, delta, bias, softplus, A, B, C, D, 
     for task in range(lo, hi):
         b, g, _, j0, j1 = _task_channels(task, u.shape[1] * blocks_per_group, blocks_per_group, dim_per_group, block)
         nd, c0 = j1 - j0, g * dim_per_group + j0
+        D_task = D[c0 : c0 + nd]
         for n in range(d_state):
             for j in range(nd):
                 At[n, j] = A[c0 + j, n]
@@ -248,12 +256,13 @@ def _forward(lo, hi, chunks, block, keep, u, delta, bias, softplus, A, B, C, D, 
             steps = min(chunk, length - t0)
             if keep and k > 0:
                 for n in range(d_state):
+                    row = entering[b, k - 1, n, c0 : c0 + nd]
                     for j in range(nd):
-                        entering[b, k - 1, n, c0 + j] = h[n, j]
+                        row[j] = h[n, j]
             _load_chunk(b, g, j0, c0, nd, t0, steps, u, delta, bias, softplus, B, C, ut, dtt, dtu, dsp, Bt, Ct)
             for s in range(steps):
                 for j in range(nd):
-                    yt[s, j] = D[c0 + j] * ut[s, j]
+                    yt[s, j] = D_task[j] * ut[s, j]
                 for n in range(d_state):
                     bn, cn = Bt[s, n], Ct[s, n]
                     for j in range(nd):
@@ -298,6 +307,7 @@ def _backward(
     for task in range(lo, hi):
         b, g, blk, j0, j1 = _task_channels(task, u.shape[1] * blocks_per_group, blocks_per_group, dim_per_group, block)
         nd, c0 = j1 - j0, g * dim_per_group + j0
+        D_task = D[c0 : c0 + nd]
         for n in range(d_state):
             for j in range(nd):
                 At[n, j] = A[c0 + j, n]
@@ -325,7 +335,11 @@ def _backward(
                 _gather(gy, b, g, j0, nd, t0, steps, dyt)
             for n in range(d_state):
                 for j in range(nd):
-                    H[0, n, j] = entering[b, k - 1, n, c0 + j] if k > 0 else zero
+                    H[0, n, j] = zero
+                if k > 0:
+                    row = entering[b, k - 1, n, c0 : c0 + nd]
+                    for j in range(nd):
+                        H[0, n, j] = row[j]
             _recompute(steps, nd, At, dtt, dtu, Bt, dyt, H, E, dCt)
             for s in range(steps - 1, -1, -1):
                 for j in range(nd):
@@ -349,7 +363,7 @@ def _backward(
                 # h[s + 1] = exp(dt A) h[s] + dt u B: dt and u reach the state through sum_n lam B.
                 for j in range(nd):
                     dD_acc[j] += dyt[s, j] * ut[s, j]
-                    dut[s, j] = dyt[s, j] * D[c0 + j] + lam_b[j] * dtt[s, j]
+                    dut[s, j] = dyt[s, j] * D_task[j] + lam_b[j] * dtt[s, j]
                     ddt[s, j] = (through_a[j] + lam_b[j] * ut[s, j]) * dsp[s, j]
             _scatter(ddt, b, g, j0, nd, t0, steps, ddelta)
             _scatter(dut, b, g, j0, nd, t0, steps, du)
