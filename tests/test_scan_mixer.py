@@ -1,6 +1,7 @@
-"""The 4-scan mixer's fused paths (the convolution through each order, the token-major scan) against
-float64 computations written here, for every direction, a class token in the middle or at the tail,
-and odd lengths; on the numba kernels and on the PyTorch backends that run without numba."""
+"""The 4-scan mixer's fused paths (the convolution through each order, the token-major scan, the
+directions' scans put back in order, averaged and gated) against float64 computations written here,
+for every direction, a class token in the middle or at the tail, and odd lengths; on the numba
+kernels and on the PyTorch backends that run without numba."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 
 from starmamba.models.mixer import MambaMixer, scan_orders
 from starmamba.ops.conv import conv_silu
+from starmamba.ops.directions import scan_directions
 from starmamba.ops.scan import selective_scan_tokens
 from test_scan import recurrence_float64
 
@@ -31,7 +33,7 @@ def conv_silu_float64(x, orders, weight, bias):
         ordered = F.pad(x[:, order], (0, 0, width - 1, 0))  # zeros before the first token
         pre = bias[k] + sum(ordered[:, i : i + len(order)] * weight[k, :, i] for i in range(width))
         outs.append(F.silu(pre))
-    return torch.stack(outs, dim=1)
+    return torch.stack(outs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -42,7 +44,7 @@ def test_convolution_through_each_order_matches_float64(backend, grid):
     x = torch.randn(2, orders.shape[1], 12, generator=g).requires_grad_()
     weight = torch.randn(4, 12, 4, generator=g).requires_grad_()
     bias = torch.randn(4, 12, generator=g).requires_grad_()
-    grad = torch.randn(2, 4, orders.shape[1], 12, generator=g)
+    grad = torch.randn(4, 2, orders.shape[1], 12, generator=g)
     out = conv_silu(x, orders, weight, bias, backend=backend)
     out.backward(grad)
     leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
@@ -95,7 +97,7 @@ def mixer_float64(mixer, x, orders):
     for k, order in enumerate(orders):
         p = f"directions.{k}."
         u = conv_silu_float64(x_in, order[None], m[p + "conv1d.weight"].squeeze(1)[None], m[p + "conv1d.bias"][None])
-        u = u[:, 0]
+        u = u[0]
         x_dbl = u @ m[p + "x_proj.weight"].t()
         dt, B, C = x_dbl.split([mixer.directions[k].dt_rank, mixer.d_state, mixer.d_state], dim=-1)
         delta = dt @ m[p + "dt_proj.weight"].t()
@@ -131,15 +133,81 @@ def test_four_scan_mixer_matches_float64_forward_and_backward(monkeypatch, backe
         torch.testing.assert_close(p.grad.double(), params64[name].grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def directions_float64(u, delta, A, B, C, D, delta_bias, orders, z):
+    """Every direction's scan by the float64 recurrence, put back in sequence order one direction at a
+    time, averaged and gated: what scan_directions computes."""
+    K, dim = u.shape[0], u.shape[-1]
+    outs = []
+    for k in range(K):
+        channels = slice(k * dim, (k + 1) * dim)
+        y, _ = recurrence_float64(u[k].transpose(1, 2), delta[k].transpose(1, 2), A[channels], B[k].transpose(1, 2),
+                                  C[k].transpose(1, 2), D[channels], delta_bias=delta_bias[channels],
+                                  delta_softplus=True)  # fmt: skip
+        outs.append(y.transpose(1, 2)[:, orders[k, 1]])
+    return torch.stack(outs).mean(0) * F.silu(z.double())
+
+
+def directions_inputs(grid, dtype, seed=0):
+    orders = torch.cat([torch.arange(grid[0] * grid[1] + (grid[2] is not None)).expand(1, 2, -1), scan_orders(*grid)])
+    K, length = orders.shape[0], orders.shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    batch, dim, d_state = 3, 20, 8  # 20 channels: a block that is not a multiple of the vector width
+    inputs = {
+        "u": torch.randn(K, batch, length, dim, generator=g),
+        "delta": torch.randn(K, batch, length, dim, generator=g) * 0.5,
+        "A": -torch.rand(K * dim, d_state, generator=g) * 4,
+        "B": torch.randn(K, batch, length, d_state, generator=g),
+        "C": torch.randn(K, batch, length, d_state, generator=g),
+        "D": torch.randn(K * dim, generator=g),
+        "delta_bias": torch.randn(K * dim, generator=g) * 0.5,
+        "orders": orders,
+        "z": torch.randn(batch, length, dim, generator=g),
+    }
+    return {k: v if k == "orders" else v.to(dtype) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grid", GRIDS)
+def test_scan_directions_without_gradients_matches_float64(backend, grid):
+    # Under no_grad the numba backend runs the fused kernel (every direction written straight into
+    # sequence order); the others run the scans and a gather.
+    inputs = directions_inputs(grid, torch.float32)
+    want = directions_float64(**{k: v if k == "orders" else v.double() for k, v in inputs.items()})
+    with torch.no_grad():
+        got = scan_directions(**inputs, backend=backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_scan_directions_in_float64_agrees_with_the_recurrence_to_rounding(backend):
+    inputs = directions_inputs((3, 5, 7), torch.float64, seed=1)
+    with torch.inference_mode():
+        got = scan_directions(**inputs, backend=backend)
+    torch.testing.assert_close(got, directions_float64(**inputs), rtol=1e-12, atol=1e-12)
+
+
+def test_scan_directions_with_gradients_matches_its_forward_without():
+    inputs = directions_inputs((5, 3, 15), torch.float32, seed=2)
+    with torch.no_grad():
+        fused = scan_directions(**inputs, backend="numba")
+    inputs["u"].requires_grad_()
+    torch.testing.assert_close(scan_directions(**inputs, backend="numba").detach(), fused, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["numba", "chunked"])
 @pytest.mark.parametrize("scans", [1, 4])
-def test_mixer_in_inference_mode_matches_its_training_forward(scans):
+def test_mixer_in_inference_mode_matches_float64(monkeypatch, backend, scans):
+    monkeypatch.setenv("STARMAMBA_SCAN_BACKEND", backend)
     torch.manual_seed(1)
     mixer = MambaMixer(16, scans=scans, expand=2, d_state=8)
-    orders = scan_orders(3, 5, 7) if scans == 4 else None
+    grid = (3, 5, 7)
     x = torch.randn(2, 16, 16)
-    with_graph = mixer(x, orders)
     with torch.inference_mode():
-        torch.testing.assert_close(mixer(x, orders), with_graph.detach(), rtol=0, atol=0)
+        out = mixer(x, scan_orders(*grid) if scans == 4 else None)
+    order = every_order(*grid) if scans == 4 else torch.arange(16)[None]
+    out64, _ = mixer_float64(mixer, x.double(), order)
+    torch.testing.assert_close(out.double(), out64, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["numba", "chunked"])

@@ -156,14 +156,15 @@ def test_importing_starmamba_first_makes_openmp_workers_sleep(code, env, expecte
 
 def test_warm_up_compiles_the_kernels_a_training_step_calls(tmp_path):
     # In a fresh process with an empty JIT cache: nothing is compiled until warm_up, which compiles the
-    # float32 kernels that the scan's API and the mixers' training steps then dispatch to without
-    # compiling again (one forward layout each for the API and the mixer's token-major tensors, and the
-    # forward without gradients that evaluation runs).
+    # float32 kernels that the scan's API and the mixers' training steps and inference then dispatch to
+    # without compiling again (the training kernels for the API's layout and the mixer's token-major
+    # tensors of one and of several directions, and the fused kernel that inference runs).
     code = """
 import torch
 from starmamba.models.mixer import MambaMixer, scan_orders
-from starmamba.ops import conv_numba, scan_numba, selective_scan, warm_up
-kernels = (scan_numba._forward, scan_numba._backward, conv_numba._conv_forward, conv_numba._conv_backward)
+from starmamba.ops import conv_numba, directions_numba, scan_numba, selective_scan, warm_up
+kernels = (scan_numba._forward, scan_numba._backward, conv_numba._conv_forward, conv_numba._conv_backward,
+           directions_numba._directions_forward)
 before = [len(k.signatures) for k in kernels]
 backend = warm_up("cpu")
 after = [len(k.signatures) for k in kernels]
@@ -172,9 +173,12 @@ B, C = torch.randn(2, 4, 16, 37), torch.randn(2, 4, 16, 37)
 selective_scan(u, torch.rand(2, 8, 37), -torch.rand(8, 16), B, C, torch.ones(8), torch.randn(2, 8, 37),
                torch.zeros(8), True).sum().backward()
 for scans, orders in ((1, None), (4, scan_orders(6, 6, 18))):
-    MambaMixer(24, scans=scans)(torch.randn(2, 37, 24), orders).sum().backward()
+    mixer, x = MambaMixer(24, scans=scans), torch.randn(2, 37, 24)
+    mixer(x, orders).sum().backward()
+    with torch.inference_mode():
+        mixer(x, orders)
 print(backend, before, after, [len(k.signatures) for k in kernels])
 """
     env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path), "STARMAMBA_SCAN_BACKEND": ""}
     printed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert printed.stdout.split("\n")[-2] == "numba [0, 0, 0, 0] [3, 2, 1, 1] [3, 2, 1, 1]"
+    assert printed.stdout.split("\n")[-2] == "numba [0, 0, 0, 0, 0] [4, 3, 1, 1, 1] [4, 3, 1, 1, 1]"

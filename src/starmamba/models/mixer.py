@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from starmamba.ops.conv import conv_silu
-from starmamba.ops.scan import selective_scan_tokens
+from starmamba.ops.directions import scan_directions
 
 
 class ScanDirection(nn.Module):
@@ -49,8 +48,8 @@ class MambaMixer(nn.Module):
     order and inverse order of every direction after the first, which runs in sequence order. The
     directions' outputs are put back in sequence order, averaged, gated and projected: ARM's "v3"
     mixer when there are four. All directions run as one convolution that reads the tokens through
-    each order, one x_proj and one dt_proj matmul, and one selective scan over their stacked
-    channels (B and C grouped per direction), which costs a CPU one sequential pass, not four.
+    each order, one batched x_proj and one dt_proj matmul, and one :func:`scan_directions` over their
+    stacked channels (B and C grouped per direction), which costs a CPU one sequential pass, not four.
     """
 
     def __init__(self, dim: int, scans: int = 1, expand: int = 1, d_state: int = 16, d_conv: int = 4) -> None:
@@ -66,37 +65,31 @@ class MambaMixer(nn.Module):
         return torch.stack([direction.get_parameter(name) for direction in self.directions])
 
     def forward(self, x: Tensor, orders: Tensor | None = None) -> Tensor:
-        scans, length = len(self.directions), x.shape[1]
+        scans, (batch, length) = len(self.directions), x.shape[:2]
         if scans > 1 and (orders is None or orders.shape != (scans - 1, 2, length)):
             raise ValueError(f"a {scans}-scan mixer needs orders of shape ({scans - 1}, 2, {length})")
         x, z = self.in_proj(x).chunk(2, dim=-1)
-        forward_order = torch.arange(length, device=x.device)[None]
-        every_order = torch.cat([forward_order, orders[:, 0]]) if scans > 1 else forward_order  # (scans, l)
-        # Every direction reads the tokens through its order; the outputs stay token-major (b, scans, l, d)
-        # in each direction's order, the layout the scan kernel takes as it is.
-        u = conv_silu(x, every_order, self._stacked("conv1d.weight").squeeze(2), self._stacked("conv1d.bias"))
-        x_dbl = torch.matmul(u, self._stacked("x_proj.weight").transpose(1, 2))  # every direction in one call
+        forward_order = torch.arange(length, device=x.device).expand(1, 2, length)
+        every_order = torch.cat([forward_order, orders]) if scans > 1 else None  # (scans, 2, l)
+        # Every direction reads the tokens through its order: u is direction-major (scans, b, l, d), each
+        # direction's tokens in its order, so that its projections are one matrix product per direction.
+        u = conv_silu(x, forward_order[:, 0] if every_order is None else every_order[:, 0],
+                      self._stacked("conv1d.weight").squeeze(2), self._stacked("conv1d.bias"))  # fmt: skip
+        x_dbl = torch.bmm(u.flatten(1, 2), self._stacked("x_proj.weight").transpose(1, 2))
         dt, B, C = x_dbl.split([self.directions[0].dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = torch.matmul(dt, self._stacked("dt_proj.weight").transpose(1, 2))
-        y = selective_scan_tokens(
+        delta = torch.bmm(dt, self._stacked("dt_proj.weight").transpose(1, 2))
+        out = scan_directions(
             u,
-            delta,
+            delta.view_as(u),
             -torch.exp(self._stacked("A_log").float()).flatten(0, 1),
-            B,
-            C,
-            D=self._stacked("D").float().flatten(),
-            delta_bias=self._stacked("dt_proj.bias").float().flatten(),
-            delta_softplus=True,
+            B.unflatten(1, (batch, length)),
+            C.unflatten(1, (batch, length)),
+            self._stacked("D").float().flatten(),
+            self._stacked("dt_proj.bias").float().flatten(),
+            every_order,
+            z,
         )
-        if scans == 1:
-            out = y[:, 0]
-        else:
-            # Back to sequence order, all directions in one gather: token p of direction k is at
-            # k * l + inverse_k[p] of the flattened directions.
-            offsets = torch.arange(0, scans * length, length, device=x.device)[:, None]
-            inverse = torch.cat([forward_order, orders[:, 1]]) + offsets
-            out = y.flatten(1, 2).index_select(1, inverse.flatten()).unflatten(1, (scans, length)).mean(1)
-        return self.out_proj(out.to(z.dtype) * F.silu(z))
+        return self.out_proj(out)
 
 
 def scan_orders(rows: int, cols: int, cls_index: int | None) -> Tensor:

@@ -20,10 +20,11 @@ def _numba_conv():
 def conv_silu(x: Tensor, orders: Tensor, weight: Tensor, bias: Tensor, backend: str | None = None) -> Tensor:
     """silu(depthwise causal conv1d) of the tokens x (b, l, d) read in each of K orders (K, l) (int64).
 
-    weight (K, d, W), bias (K, d). Returns (b, K, l, d): [:, k, t] is the output at the t-th token
-    of order k. Where the scan backend (``backend`` as :func:`resolve_backend` resolves it) is
-    numba, a numba kernel reads the tokens through the orders; otherwise reordered copies go
-    through ``F.conv1d``. Computes in float32 at least, like the scan.
+    weight (K, d, W), bias (K, d). Returns (K, b, l, d), direction-major so that each direction's
+    tokens are one matrix for its projections: [k, :, t] is the output at the t-th token of order k.
+    Where the scan backend (``backend`` as :func:`resolve_backend` resolves it) is numba, a numba
+    kernel reads the tokens through the orders; otherwise reordered copies go through ``F.conv1d``.
+    Computes in float32 at least, like the scan.
     """
     K, length = orders.shape
     if resolve_backend(backend, x.device, x.dtype) == "numba":
@@ -33,4 +34,4 @@ def conv_silu(x: Tensor, orders: Tensor, weight: Tensor, bias: Tensor, backend: 
     ordered = x.index_select(1, orders.flatten()).unflatten(1, (K, length))  # (b, K, l, d)
     out = F.conv1d(ordered.permute(0, 1, 3, 2).flatten(1, 2), weight.flatten(0, 1).unsqueeze(1), bias.flatten(),
                    padding=width - 1, groups=K * dim)[..., :length]  # fmt: skip
-    return F.silu(out).unflatten(1, (K, dim)).transpose(2, 3)
+    return F.silu(out).unflatten(1, (K, dim)).permute(1, 0, 3, 2).contiguous()

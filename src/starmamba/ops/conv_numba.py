@@ -30,16 +30,17 @@ def _pre_activation(b, k, t, x, orders, wt, bias, acc):
 
 @numba.njit(**_JIT)
 def _conv_forward(lo, hi, x, orders, wt, bias, out):
-    """Batches lo..hi-1: out[b, k, t] = silu(conv of the tokens x[b, orders[k, :t + 1]])."""
+    """Batches lo..hi-1: out[k, b, t] = silu(conv of the tokens x[b, orders[k, :t + 1]])."""
     one = x.dtype.type(1)
     acc = np.empty(x.shape[2], x.dtype)
     for b in range(lo, hi):
         for k in range(orders.shape[0]):
             for t in range(orders.shape[1]):
                 _pre_activation(b, k, t, x, orders, wt, bias, acc)
+                row = out[k, b, t]
                 for j in range(acc.shape[0]):
                     v = acc[j]
-                    out[b, k, t, j] = v / (one + fast_exp(-v))
+                    row[j] = v / (one + fast_exp(-v))
 
 
 @numba.njit(**_JIT)
@@ -59,7 +60,7 @@ def _conv_backward(lo, hi, x, orders, wt, bias, grad, dx, dw_part, db_part):
                 for j in range(acc.shape[0]):
                     v = acc[j]
                     sig = one / (one + fast_exp(-v))
-                    g[j] = grad[b, k, t, j] * sig * (one + v * (one - sig))
+                    g[j] = grad[k, b, t, j] * sig * (one + v * (one - sig))
                     db_part[b, k, j] += g[j]
                 for i in range(max(0, width - 1 - t), width):
                     p = orders[k, t - width + 1 + i]
@@ -72,7 +73,7 @@ class _ConvSilu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, orders, weight, bias):
         x, wt, bias = x.contiguous(), weight.transpose(1, 2).contiguous(), bias.contiguous()
-        out = x.new_empty(x.shape[0], orders.shape[0], orders.shape[1], x.shape[2])
+        out = x.new_empty(orders.shape[0], x.shape[0], orders.shape[1], x.shape[2])
         _parallel(_conv_forward, x.shape[0], *map(_np, (x, orders, wt, bias, out)))
         ctx.save_for_backward(x, orders, wt, bias)
         return out
@@ -90,7 +91,7 @@ class _ConvSilu(torch.autograd.Function):
 def conv_silu_numba(x: Tensor, orders: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """silu(depthwise causal conv1d) of the tokens x (b, l, d) read in each of K orders (K, l) (int64).
 
-    weight (K, d, W), bias (K, d); all of one float dtype. Returns (b, K, l, d): [:, k, t] is the
+    weight (K, d, W), bias (K, d); all of one float dtype. Returns (K, b, l, d): [k, :, t] is the
     output at the t-th token of order k. Differentiable in x, weight and bias.
     """
     return _ConvSilu.apply(x, orders.contiguous(), weight, bias)

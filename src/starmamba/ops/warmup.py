@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from starmamba.ops.conv import conv_silu
-from starmamba.ops.scan import resolve_backend, selective_scan, selective_scan_tokens
+from starmamba.ops.directions import scan_directions
+from starmamba.ops.scan import resolve_backend, selective_scan
 
 
 def run_dtype(device: torch.device) -> torch.dtype:
@@ -18,8 +19,9 @@ def run_dtype(device: torch.device) -> torch.dtype:
 def warm_up(device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
     """Compile the default backend's kernels for ``device`` (default: CUDA if there is one, else the CPU)
     and ``dtype`` (default: :func:`run_dtype`, what training feeds it) with tiny passes in the layouts the
-    models use: a forward without gradients (evaluation's), forward + backward of the plain scan and of the
-    4-scan mixer's path (convolution through two orders, token-major scan); returns the backend's name.
+    models use: forward without gradients (evaluation's) and forward + backward of the plain scan and of
+    the multi-direction mixer's path (convolution through two orders, the directions' scans); returns the
+    backend's name.
     Timed comparisons call it first, so that no run timed pays for the compilation."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or run_dtype(device)
@@ -38,10 +40,18 @@ def warm_up(device: torch.device | str | None = None, dtype: torch.dtype | None 
         selective_scan(u, delta, A, B, C, D, z, bias, True)
     u.requires_grad_()
     selective_scan(u, delta, A, B, C, D, z, bias, True).float().sum().backward()
-    x = randn(2, 3, 2).requires_grad_()
-    orders = torch.tensor([[0, 1, 2], [2, 1, 0]], device=device)
-    tokens = conv_silu(x, orders, randn(2, 2, 4), randn(2, 2))
-    dt, B, C = torch.matmul(tokens, randn(2, 2, 9)).split([1, 4, 4], dim=-1)
-    y = selective_scan_tokens(tokens, torch.matmul(dt, randn(2, 1, 2)), A, B, C, D, bias, True)
-    y.backward(torch.ones_like(y))
+    # The mixer's path with one direction (STAR's) and several: (K, b, l, d) tokens, transposed to
+    # (b, K, l, d) for the training kernel, are contiguous only for K = 1.
+    for orders in (None, torch.tensor([[[0, 1, 2], [0, 1, 2]], [[2, 1, 0], [2, 1, 0]]], device=device)):
+        K = 1 if orders is None else len(orders)
+        x = randn(2, 3, 2).requires_grad_()
+        order = torch.arange(3, device=device)[None] if orders is None else orders[:, 0]
+        tokens = conv_silu(x, order, randn(K, 2, 4), randn(K, 2))  # (K, b, l, d), as the mixer has them
+        dt, B, C = torch.bmm(tokens.flatten(1, 2), randn(K, 2, 9)).split([1, 4, 4], dim=-1)
+        delta = torch.bmm(dt, randn(K, 1, 2)).view_as(tokens)
+        B, C, z = B.unflatten(1, (2, 3)), C.unflatten(1, (2, 3)), randn(2, 3, 4)[..., 2:]  # z: in_proj's second half
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                out = scan_directions(tokens, delta, A[: 2 * K], B, C, D[: 2 * K], bias[: 2 * K], orders, z)
+        out.backward(torch.ones_like(out))
     return resolve_backend(None, device, dtype)
