@@ -204,11 +204,10 @@ def test_warm_up_compiles_what_a_bf16_training_step_and_its_evaluation_launch(la
     monkeypatch.setenv("STARMAMBA_SCAN_BACKEND", "triton")
     assert warm_up("cpu", torch.bfloat16) == "triton"
     forward, backward = launches
-    # Inputs in bf16, A, D and the bias in fp32 (as models keep them); evaluation's forward without chunk
-    # states first, then training's with them (the plain scan's and the mixer path's).
+    # Inputs in bf16, A, D and the bias in fp32 (as models keep them); for the plain scan and the mixer
+    # path with one and with two directions, evaluation's forward without chunk states, then training's.
     seen = [(args[0].dtype, args[2].dtype, kwargs["KEEP_CHUNKS"]) for _, _, args, kwargs in forward.seen]
-    assert seen[0] == (torch.bfloat16, torch.float32, False)
-    assert set(seen[1:]) == {(torch.bfloat16, torch.float32, True)}
+    assert seen == [(torch.bfloat16, torch.float32, keep) for _ in range(3) for keep in (False, True)]
     assert {(args[0].dtype, args[8].dtype) for _, _, args, _ in backward.seen} == {(torch.bfloat16, torch.bfloat16)}
 
 
