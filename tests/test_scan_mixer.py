@@ -211,14 +211,16 @@ def test_mixer_in_inference_mode_matches_float64(monkeypatch, backend, scans):
 
 
 @pytest.mark.parametrize("backend", ["numba", "chunked"])
-def test_mixer_under_bf16_autocast_keeps_a_float32_scan(monkeypatch, backend):
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_mixer_under_bf16_autocast_keeps_a_float32_scan(monkeypatch, backend, grad):
     monkeypatch.setenv("STARMAMBA_SCAN_BACKEND", backend)
     torch.manual_seed(2)
     mixer = MambaMixer(16, scans=4, expand=2, d_state=8)
     orders = scan_orders(3, 5, 15)
     x = torch.randn(2, 16, 16)
-    full = mixer(x, orders)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        half = mixer(x, orders)
+    with torch.set_grad_enabled(grad):
+        full = mixer(x, orders)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = mixer(x, orders)
     assert half.dtype == torch.bfloat16
     assert ((half.float() - full).norm() / full.norm()).item() < 3e-2
