@@ -55,21 +55,27 @@ def test_convolution_through_each_order_matches_float64(backend, grid):
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-5)
 
 
+def scan_inputs(g, lead, stacked, length, dim, d_state=8):
+    """Random scan inputs: u, delta (*lead, l, dim), B, C (*lead, l, d_state), and A, D, delta_bias over
+    the stacked x dim channels of ``stacked`` groups or directions."""
+    channels = stacked * dim
+    return {
+        "u": torch.randn(*lead, length, dim, generator=g),
+        "delta": torch.randn(*lead, length, dim, generator=g) * 0.5,
+        "A": -torch.rand(channels, d_state, generator=g) * 4,
+        "B": torch.randn(*lead, length, d_state, generator=g),
+        "C": torch.randn(*lead, length, d_state, generator=g),
+        "D": torch.randn(channels, generator=g),
+        "delta_bias": torch.randn(channels, generator=g) * 0.5,
+    }
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("length", [1, 37, 101])
 def test_token_major_scan_matches_float64_per_group(backend, length):
     g = torch.Generator().manual_seed(length)
-    batch, groups, dim, d_state = 2, 4, 12, 8
-    leaves = {
-        "u": torch.randn(batch, groups, length, dim, generator=g),
-        "delta": torch.randn(batch, groups, length, dim, generator=g) * 0.5,
-        "A": -torch.rand(groups * dim, d_state, generator=g) * 4,
-        "B": torch.randn(batch, groups, length, d_state, generator=g),
-        "C": torch.randn(batch, groups, length, d_state, generator=g),
-        "D": torch.randn(groups * dim, generator=g),
-        "delta_bias": torch.randn(groups * dim, generator=g) * 0.5,
-    }
-    leaves = {k: v.requires_grad_() for k, v in leaves.items()}
+    batch, groups, dim = 2, 4, 12
+    leaves = {k: v.requires_grad_() for k, v in scan_inputs(g, (batch, groups), groups, length, dim).items()}
     grad = torch.randn(batch, groups, length, dim, generator=g)
     y = selective_scan_tokens(**leaves, delta_softplus=True, backend=backend)
     y.backward(grad)
@@ -151,18 +157,9 @@ def directions_inputs(grid, dtype, seed=0):
     orders = torch.cat([torch.arange(grid[0] * grid[1] + (grid[2] is not None)).expand(1, 2, -1), scan_orders(*grid)])
     K, length = orders.shape[0], orders.shape[-1]
     g = torch.Generator().manual_seed(seed)
-    batch, dim, d_state = 3, 20, 8  # 20 channels: a block that is not a multiple of the vector width
-    inputs = {
-        "u": torch.randn(K, batch, length, dim, generator=g),
-        "delta": torch.randn(K, batch, length, dim, generator=g) * 0.5,
-        "A": -torch.rand(K * dim, d_state, generator=g) * 4,
-        "B": torch.randn(K, batch, length, d_state, generator=g),
-        "C": torch.randn(K, batch, length, d_state, generator=g),
-        "D": torch.randn(K * dim, generator=g),
-        "delta_bias": torch.randn(K * dim, generator=g) * 0.5,
-        "orders": orders,
-        "z": torch.randn(batch, length, dim, generator=g),
-    }
+    batch, dim = 3, 20  # 20 channels: a block that is not a multiple of the vector width
+    inputs = scan_inputs(g, (K, batch), K, length, dim)
+    inputs.update(orders=orders, z=torch.randn(batch, length, dim, generator=g))
     return {k: v if k == "orders" else v.to(dtype) for k, v in inputs.items()}
 
 
