@@ -136,45 +136,36 @@ def _task_channels(task, blocks_per_batch, blocks_per_group, dim_per_group, bloc
 
 
 @numba.njit(**_JIT)
+def _copy(dst, src, steps_outer):
+    """dst[s, j] = src[s, j] over two 2-D views of one shape, the loop over s outside when ``steps_outer``:
+    callers choose the order that walks their strided side (the caller's tensor) contiguously."""
+    steps, width = src.shape
+    if steps_outer:
+        for s in range(steps):
+            for j in range(width):
+                dst[s, j] = src[s, j]
+    else:
+        for j in range(width):
+            for s in range(steps):
+                dst[s, j] = src[s, j]
+
+
+@numba.njit(**_JIT)
 def _gather(src, b, g, j0, nd, t0, steps, dst):
     """dst[s, j] = src[b, g, t0 + s, j0 + j], in the loop order that reads src contiguously."""
-    block = src[b, g, t0 : t0 + steps, j0 : j0 + nd]
-    if src.strides[3] <= src.strides[2]:
-        for s in range(steps):
-            for j in range(nd):
-                dst[s, j] = block[s, j]
-    else:
-        for j in range(nd):
-            for s in range(steps):
-                dst[s, j] = block[s, j]
+    _copy(dst[:steps, :nd], src[b, g, t0 : t0 + steps, j0 : j0 + nd], src.strides[3] <= src.strides[2])
 
 
 @numba.njit(**_JIT)
 def _scatter(src, b, g, j0, nd, t0, steps, dst):
     """dst[b, g, t0 + s, j0 + j] = src[s, j], in the loop order that writes dst contiguously."""
-    block = dst[b, g, t0 : t0 + steps, j0 : j0 + nd]
-    if dst.strides[3] <= dst.strides[2]:
-        for s in range(steps):
-            for j in range(nd):
-                block[s, j] = src[s, j]
-    else:
-        for j in range(nd):
-            for s in range(steps):
-                block[s, j] = src[s, j]
+    _copy(dst[b, g, t0 : t0 + steps, j0 : j0 + nd], src[:steps, :nd], dst.strides[3] <= dst.strides[2])
 
 
 @numba.njit(**_JIT)
 def _gather_states(M, b, g, t0, steps, dst):
     """dst[s, n] = M[b, g, n, t0 + s] for B or C (b, g, n, l), in the loop order that reads M contiguously."""
-    block = M[b, g, :, t0 : t0 + steps]
-    if M.strides[2] <= M.strides[3]:
-        for s in range(steps):
-            for n in range(M.shape[2]):
-                dst[s, n] = block[n, s]
-    else:
-        for n in range(M.shape[2]):
-            for s in range(steps):
-                dst[s, n] = block[n, s]
+    _copy(dst[:steps], M[b, g, :, t0 : t0 + steps].T, M.strides[2] <= M.strides[3])
 
 
 @numba.njit(**_JIT)
